@@ -1,0 +1,153 @@
+"""Helpers shared by the scripts: user-facing errors, atomic writes, distributed set-up, logging."""
+
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+class CliError(Exception):
+    """A problem the user can fix: printed as one line, without a traceback."""
+
+
+def run_main(main):
+    """Run a script's main(), turning CliError into a one-line message and exit code 2."""
+    try:
+        main()
+    except CliError as error:
+        prog = Path(sys.argv[0]).name
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def atomic_save(obj, path):
+    """torch.save into a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_state_dict_file(path):
+    """Load a checkpoint saved by this suite or by the reference (a plain state dict, maybe DDP-prefixed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CliError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CliError(f"checkpoint {path} is corrupt or not a PyTorch file ({type(error).__name__})") from None
+    if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
+        checkpoint = checkpoint["model"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise CliError(f"checkpoint {path} does not hold a model state dict")
+    return {key.removeprefix("module."): value for key, value in checkpoint.items()}
+
+
+# --- distributed ------------------------------------------------------------------------------
+
+
+def init_distributed(local_rank_flag=None):
+    """Join the process group when launched by torchrun / torch.distributed.launch.
+
+    Returns (rank, world_size, device). Rank and world size come from the environment, so a
+    plain `python ncf.py` is a world of one and multi-node launches shard by global rank.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_flag if local_rank_flag is not None else 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return rank, world_size, device
+
+
+def all_reduce_sum(tensor):
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_int(value, device):
+    """Rank 0's value of an integer, on every rank."""
+    if not torch.distributed.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
+# --- logging ----------------------------------------------------------------------------------
+
+
+class JsonLineLogger:
+    """Writes DLLogger's JSON-lines format (`DLLL {...}`) without needing the dllogger package."""
+
+    def __init__(self, path):
+        self.file = open(path, "a", buffering=1) if path else None
+        self.start = time.time()
+
+    def log(self, step, data):
+        if self.file is None:
+            return
+        now = time.time()
+        record = {
+            "timestamp": str(now),
+            "datetime": datetime.datetime.fromtimestamp(now).isoformat(),
+            "elapsedtime": str(now - self.start),
+            "type": "LOG",
+            "step": step,
+            "data": data,
+        }
+        self.file.write("DLLL " + json.dumps(record) + "\n")
+
+    def metadata(self, name, meta):
+        if self.file is not None:
+            self.file.write("DLLL " + json.dumps({"type": "METADATA", "metric": name, "metadata": meta}) + "\n")
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def make_logger(path, enabled):
+    """DLLogger when it is installed (NVIDIA's containers), else the local writer of the same format."""
+    if not enabled:
+        return JsonLineLogger(None)
+    try:
+        import dllogger
+    except ImportError:
+        return JsonLineLogger(path)
+
+    class _DLLoggerAdapter:
+        def __init__(self):
+            dllogger.init(backends=[dllogger.JSONStreamBackend(dllogger.Verbosity.VERBOSE, path)])
+
+        def log(self, step, data):
+            dllogger.log(step=step, data=data)
+
+        def metadata(self, name, meta):
+            dllogger.metadata(name, meta)
+
+        def close(self):
+            dllogger.flush()
+
+    return _DLLoggerAdapter()
