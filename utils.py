@@ -50,11 +50,30 @@ def load_state_dict_file(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CliError(f"checkpoint {path} is corrupt or not a PyTorch file ({type(error).__name__})") from None
-    if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
-        checkpoint = checkpoint["model"]
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        checkpoint = checkpoint["model"]  # a training-state checkpoint (last.pth)
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise CliError(f"checkpoint {path} does not hold a model state dict")
     return {key.removeprefix("module."): value for key, value in checkpoint.items()}
+
+
+def load_model_weights(model, path):
+    """Load a checkpoint into `model`, naming the first tensor that does not fit."""
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    for name in own.keys() - state.keys():
+        raise CliError(f"checkpoint {path} has no tensor {name}; it is not a NeuMF checkpoint of this layout")
+    for name in state.keys() - own.keys():
+        raise CliError(
+            f"checkpoint {path} has an unexpected tensor {name}; it is not a NeuMF checkpoint of this layout"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != own[name].shape:
+            raise CliError(
+                f"checkpoint {path} does not fit: {name} is {list(tensor.shape)} there but {list(own[name].shape)} "
+                "here (a checkpoint of another dataset, or other --factors/--layers?)"
+            )
+    model.load_state_dict(state)
 
 
 # --- distributed ------------------------------------------------------------------------------

@@ -1,0 +1,146 @@
+"""Cached tensors -> training batches (negatives sampled on the device) and evaluation candidates.
+
+Everything lives on the training device. An epoch never copies between host and device and
+never loops in Python over samples: it draws the negatives, shuffles the whole augmented epoch
+once, and hands each rank an equal, disjoint share of it as a list of batch views.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from convert import NEGATIVES_FILE, TEST_FILE, TRAIN_FILE, read_metadata
+from utils import CliError
+
+
+@dataclass
+class CachedData:
+    train: torch.Tensor  # [n_train, 2] (user, item)
+    test: torch.Tensor  # [n_users, 2], row u is user u's held-out positive
+    test_negatives: torch.Tensor  # [n_users, valid_negative]
+    meta: dict
+
+    @property
+    def n_users(self):
+        return self.meta["n_users"]
+
+    @property
+    def n_items(self):
+        return self.meta["n_items"]
+
+
+def load_cache(cache_dir):
+    """Load and check a cache written by convert.py; any problem is a one-line CliError."""
+    meta = read_metadata(cache_dir)
+    tensors = {}
+    for name in (TRAIN_FILE, TEST_FILE, NEGATIVES_FILE):
+        try:
+            tensors[name] = torch.load(f"{cache_dir}/{name}", map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise CliError(f"{cache_dir}/{name} is corrupt ({type(error).__name__}); run convert.py again") from None
+    data = CachedData(tensors[TRAIN_FILE], tensors[TEST_FILE], tensors[NEGATIVES_FILE], meta)
+    n_users, n_items = data.n_users, data.n_items
+    expected = {
+        TRAIN_FILE: (data.train, (meta["n_train"], 2)),
+        TEST_FILE: (data.test, (n_users, 2)),
+        NEGATIVES_FILE: (data.test_negatives, (n_users, meta["valid_negative"])),
+    }
+    for name, (tensor, shape) in expected.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tuple(tensor.shape) != shape:
+            raise CliError(f"{cache_dir}/{name} does not match metadata.json (expected int64 {list(shape)})")
+    items = torch.cat([data.train[:, 1], data.test[:, 1], data.test_negatives.flatten()])
+    if data.train[:, 0].max() >= n_users or items.max() >= n_items or items.min() < 0 or data.train.min() < 0:
+        raise CliError(f"{cache_dir} holds ids outside its {n_users} users and {n_items} items; run convert.py again")
+    if not torch.equal(data.test[:, 0], torch.arange(n_users)):
+        raise CliError(f"{cache_dir}/{TEST_FILE} must hold one row per user, in user order")
+    return data
+
+
+class TrainBatches:
+    """Per-epoch training batches for one rank.
+
+    Each epoch, every positive gets `negatives` items drawn uniformly from all items (no check
+    against the user's positives, as the reference), the augmented epoch is shuffled as a whole
+    with a generator every rank seeds alike, and rank r takes slice r of `world_size` equal slices.
+    The last batch may be short; nothing is dropped but the < world_size samples that do not
+    divide evenly between ranks.
+    """
+
+    def __init__(self, train_pairs, n_items, negatives, batch_size, rank, world_size, device):
+        if batch_size < world_size:
+            raise CliError(f"the batch size ({batch_size}) must be at least the number of processes ({world_size})")
+        self.users = train_pairs[:, 0].to(device, torch.int32)
+        self.items = train_pairs[:, 1].to(device, torch.int32)
+        self.n_items = n_items
+        self.negatives = negatives
+        self.local_batch = batch_size // world_size
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.samples_per_epoch = len(self.users) * (1 + negatives)  # across all ranks
+        self.samples_per_rank = self.samples_per_epoch // world_size
+
+    def __len__(self):
+        return -(-self.samples_per_rank // self.local_batch)
+
+    def epoch(self, seed):
+        """This rank's batches of (users, items, labels) for the epoch that `seed` determines."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        n_pos = len(self.users)
+        negative_items = torch.randint(
+            0, self.n_items, (n_pos * self.negatives,), generator=generator, device=self.device, dtype=torch.int32
+        )
+        order = torch.randperm(self.samples_per_epoch, generator=generator, device=self.device)
+        mine = order[self.rank * self.samples_per_rank : (self.rank + 1) * self.samples_per_rank]
+        # sample j < n_pos is positive j; sample j >= n_pos is a negative for positive j % n_pos
+        users = self.users[mine % n_pos]
+        is_positive = mine < n_pos
+        items = torch.where(is_positive, self.items[mine % n_pos], negative_items[(mine - n_pos).clamp_(min=0)])
+        labels = is_positive.float()
+        return list(
+            zip(
+                users.split(self.local_batch),
+                items.split(self.local_batch),
+                labels.split(self.local_batch),
+                strict=True,
+            )
+        )
+
+
+class EvalCandidates:
+    """Evaluation candidates of this rank's users: each user's 100 negatives, then its positive.
+
+    Users are split between ranks in whole, contiguous blocks, so per-user metrics summed over
+    ranks are exact. The mask marks the negatives that count: duplicates within a user's list
+    count once and a negative equal to the positive does not count (the reference protocol).
+    """
+
+    def __init__(self, test, test_negatives, rank, world_size, device):
+        n_users = len(test)
+        per_rank = -(-n_users // world_size)
+        mine = slice(rank * per_rank, min(n_users, (rank + 1) * per_rank))
+        positives = test[mine, 1]
+        negatives = test_negatives[mine]
+        self.n_users = len(positives)
+        self.users = test[mine, 0].to(device, torch.int32)
+        self.items = torch.cat([negatives, positives[:, None]], dim=1).to(device, torch.int32)
+        self.counted = counted_negatives(negatives, positives).to(device)
+
+
+def counted_negatives(negatives, positives):
+    """[users, n] bool: the first occurrence of each distinct negative that is not the positive."""
+    sorted_items, order = negatives.sort(dim=1, stable=True)
+    first = torch.ones_like(sorted_items, dtype=torch.bool)
+    first[:, 1:] = sorted_items[:, 1:] != sorted_items[:, :-1]
+    counted = torch.empty_like(first).scatter_(1, order, first)
+    return counted & (negatives != positives[:, None])
+
+
+def rank_metrics(scores, counted, k):
+    """Sum over users of HR@k and NDCG@k, with the positive's score in the last column.
+
+    The positive's rank is the number of counted negatives scoring at least as high: a tie is
+    not a win for the positive.
+    """
+    rank = ((scores[:, :-1] >= scores[:, -1:]) & counted).sum(dim=1)
+    hit = rank < k
+    ndcg = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0), 0.0)
+    return hit.sum(), ndcg.sum()

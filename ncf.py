@@ -1,0 +1,313 @@
+"""Train and evaluate NeuMF on a data cache: one process, DDP on many GPUs or nodes, or CPU.
+
+    python ncf.py --data data/cache/ml-20m
+    torchrun --nproc_per_node=8 ncf.py --data data/cache/ml-20m --amp
+    python ncf.py --data data/cache/ml-20m --mode test --load_checkpoint_path checkpoints/model.pth
+
+After every epoch each user's held-out item is ranked among its 100 test negatives and HR@K and
+NDCG@K are reported; the best model so far is written to --checkpoint_dir/model.pth.
+"""
+
+import argparse
+import contextlib
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import tqdm
+from torch.nn.parallel import DistributedDataParallel
+
+from dataloading import EvalCandidates, TrainBatches, load_cache, rank_metrics
+from neumf import NeuMF
+from utils import (
+    CliError,
+    all_reduce_sum,
+    atomic_save,
+    broadcast_int,
+    init_distributed,
+    load_model_weights,
+    make_logger,
+    run_main,
+)
+
+LAST_CHECKPOINT = "last.pth"
+BEST_CHECKPOINT = "model.pth"
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(
+        description="Train NeuMF (Neural Collaborative Filtering) and report HR@K / NDCG@K.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data", required=True, help="cache directory written by convert.py / prepare_dataset.sh")
+    parser.add_argument("-e", "--epochs", type=int, default=30, help="number of epochs")
+    parser.add_argument("-b", "--batch_size", type=int, default=2**20, help="global batch size, split across ranks")
+    parser.add_argument("--valid_batch_size", type=int, default=2**20, help="samples scored at once in evaluation")
+    parser.add_argument("-f", "--factors", type=int, default=64, help="size of the MF embeddings")
+    parser.add_argument("--layers", nargs="+", type=int, default=[256, 256, 128, 64], help="MLP layer sizes")
+    parser.add_argument("-n", "--negative_samples", type=int, default=4, help="negatives per positive in training")
+    parser.add_argument("-l", "--learning_rate", type=float, default=0.0045)
+    parser.add_argument("-k", "--topk", type=int, default=10, help="K of HR@K and NDCG@K")
+    parser.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: drawn and logged)")
+    parser.add_argument("-t", "--threshold", type=float, default=1.0, help="stop once HR@K reaches it")
+    parser.add_argument("-b1", "--beta1", type=float, default=0.25, help="Adam beta1")
+    parser.add_argument("-b2", "--beta2", type=float, default=0.5, help="Adam beta2")
+    parser.add_argument("--eps", type=float, default=1e-8, help="Adam epsilon")
+    parser.add_argument("--dropout", type=float, default=0.5, help="dropout after each MLP layer (0 disables it)")
+    parser.add_argument("--checkpoint_dir", default="checkpoints", help="where model.pth and last.pth are written")
+    parser.add_argument("--load_checkpoint_path", default=None, help="model.pth to evaluate (test) or start from")
+    parser.add_argument("--mode", choices=["train", "test"], default="train")
+    parser.add_argument("--grads_accumulated", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--amp", action="store_true", help="mixed precision: fp16 on CUDA, bf16 on CPU")
+    parser.add_argument("--log_path", default="log.json", help="DLLogger JSON-lines log")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint_dir/last.pth")
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help="set by torch.distributed.launch; else LOCAL_RANK"
+    )
+    args = parser.parse_args()
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    positive = ("epochs", "batch_size", "valid_batch_size", "factors", "topk", "grads_accumulated")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name} must be at least 1")
+    if args.negative_samples < 0:
+        raise CliError("--negative_samples must not be negative")
+    if any(size < 1 for size in args.layers) or args.layers[0] % 2:
+        raise CliError(f"--layers must be positive and the first one even (user and item halves), got {args.layers}")
+    if not 0 <= args.dropout < 1:
+        raise CliError("--dropout must be in [0, 1)")
+    if args.mode == "test" and not args.load_checkpoint_path:
+        raise CliError("--mode test needs --load_checkpoint_path")
+    if args.mode == "test" and args.resume:
+        raise CliError("--resume only applies to --mode train")
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def score(model, users, items, batch_size, autocast):
+    """Logits for every (user, item) pair, batch_size at a time, as float32."""
+    with torch.inference_mode(), autocast:
+        parts = [model(u, i) for u, i in zip(users.split(batch_size), items.split(batch_size), strict=True)]
+    return torch.cat(parts).float().flatten()
+
+
+def evaluate(model, candidates, args, autocast, n_users_total):
+    """HR@K, NDCG@K and BCE loss over all users' candidates, summed exactly across ranks."""
+    model.eval()
+    n_candidates = candidates.items.shape[1]
+    users = candidates.users.repeat_interleave(n_candidates)
+    logits = score(model, users, candidates.items.flatten(), args.valid_batch_size, autocast).view(-1, n_candidates)
+    labels = torch.zeros_like(logits)
+    labels[:, -1] = 1.0
+    loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+    hits, ndcg = rank_metrics(logits, candidates.counted, args.topk)
+    totals = all_reduce_sum(torch.stack([hits.double(), ndcg.double(), loss.double()]))
+    hits, ndcg, loss = totals.tolist()
+    return hits / n_users_total, ndcg / n_users_total, loss / (n_users_total * n_candidates)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def make_optimizer(model, args, device):
+    """Adam as the reference; fused (apex's FusedAdam when installed on CUDA, else torch's)."""
+    settings = dict(lr=args.learning_rate, betas=(args.beta1, args.beta2), eps=args.eps)
+    if device.type == "cuda":
+        with contextlib.suppress(ImportError):
+            from apex.optimizers import FusedAdam
+
+            return FusedAdam(model.parameters(), **settings)
+    return torch.optim.Adam(model.parameters(), fused=True, **settings)
+
+
+def train_epoch(model, optimizer, scaler, batches, args, autocast, progress):
+    """One pass over this rank's batches; returns the summed loss, left on the device."""
+    model.train()
+    loss_sum = torch.zeros((), device=batches[0][0].device)
+    accumulate = args.grads_accumulated
+    for step, (users, items, labels) in enumerate(batches):
+        last_micro_batch = (step + 1) % accumulate == 0 or step + 1 == len(batches)
+        sync = contextlib.nullcontext() if last_micro_batch or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast:
+                logits = model(users, items).flatten()
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+            scaler.scale(loss / accumulate).backward()
+        if last_micro_batch:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach() * len(labels)
+        progress.update()
+    return loss_sum
+
+
+def epoch_seed(seed, epoch):
+    """The seed of an epoch's negatives and shuffle: the same on every rank, so shards are disjoint."""
+    return seed * 1_000_003 + epoch
+
+
+def save_training_state(path, model, optimizer, scaler, epoch, seed, best, data):
+    atomic_save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epochs_done": epoch + 1,
+            "seed": seed,
+            "best": best,
+            "data_sha256": data.meta["source_sha256"],
+        },
+        path,
+    )
+
+
+def load_training_state(path, model, optimizer, scaler, data):
+    load_model_weights(model, path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("data_sha256") != data.meta["source_sha256"]:
+        raise CliError(f"{path} was trained on another dataset than --data; start a new run without --resume")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    except (KeyError, ValueError) as error:
+        raise CliError(f"{path} does not hold a usable training state ({error})") from None
+    return state["epochs_done"], state["seed"], state["best"]
+
+
+def main():
+    args = parse_args()
+    rank, world_size, device = init_distributed(args.local_rank)
+    is_main = rank == 0
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.amp and device.type == "cuda":
+        autocast = torch.autocast("cuda", dtype=torch.float16)
+    elif args.amp:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext()
+    data = load_cache(args.data)
+    seed = broadcast_int(args.seed if args.seed is not None else random.randrange(2**31), device)
+    torch.manual_seed(seed)  # the same initial model on every rank
+    model = NeuMF(data.n_users, data.n_items, args.factors, args.layers, args.dropout).to(device)
+    candidates = EvalCandidates(data.test, data.test_negatives, rank, world_size, device)
+    logger = make_logger(args.log_path, is_main)
+    log = print if is_main else (lambda *_, **__: None)
+    logger.log("PARAMETER", {**vars(args), "seed": seed, "world_size": world_size, "device": str(device)})
+
+    if args.mode == "test":
+        load_model_weights(model, args.load_checkpoint_path)
+        start = time.time()
+        hr, ndcg, val_loss = evaluate(model, candidates, args, autocast, data.n_users)
+        elapsed = time.time() - start
+        log(f"{args.load_checkpoint_path}: HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {ndcg:.4f}")
+        logger.log(
+            (),
+            {
+                f"hr@{args.topk}": hr,
+                f"ndcg@{args.topk}": ndcg,
+                "validation_loss": val_loss,
+                "eval_throughput": data.n_users * candidates.items.shape[1] / elapsed,
+            },
+        )
+        logger.close()
+        return
+
+    optimizer = make_optimizer(model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    checkpoint_dir = Path(args.checkpoint_dir)
+    first_epoch, best = 0, {"hr": -1.0, "epoch": -1, "time": 0.0}
+    if args.resume:
+        first_epoch, seed, best = load_training_state(checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, data)
+        log(f"resuming after epoch {first_epoch - 1} (best HR@{args.topk} {best['hr']:.4f})")
+    elif args.load_checkpoint_path:
+        load_model_weights(model, args.load_checkpoint_path)
+    ddp_model = DistributedDataParallel(model) if world_size > 1 else model
+    train_batches = TrainBatches(
+        data.train, data.n_items, args.negative_samples, args.batch_size, rank, world_size, device
+    )
+    log(
+        f"{data.n_users:,} users, {data.n_items:,} items, {len(data.train):,} positives; "
+        f"{world_size} process(es) on {device}; seed {seed}"
+    )
+
+    throughputs, eval_throughputs, target_time, run_time = [], [], None, best["time"]
+    for epoch in range(first_epoch, args.epochs):
+        torch.manual_seed(epoch_seed(seed, epoch) * world_size + rank)  # dropout: per rank, per epoch
+        progress = tqdm.tqdm(total=len(train_batches), disable=not (is_main and sys.stdout.isatty()), leave=False)
+        start = time.time()
+        batches = train_batches.epoch(epoch_seed(seed, epoch))
+        loss_sum = train_epoch(ddp_model, optimizer, scaler, batches, args, autocast, progress)
+        train_loss = all_reduce_sum(loss_sum.double()).item() / (train_batches.samples_per_rank * world_size)
+        train_time = time.time() - start
+        progress.close()
+        if not math.isfinite(train_loss):
+            raise CliError(
+                f"training diverged in epoch {epoch} (loss {train_loss}); the last good checkpoint in "
+                f"{checkpoint_dir} is kept. Try a lower --learning_rate or --amp off"
+            )
+        start = time.time()
+        hr, ndcg, val_loss = evaluate(model, candidates, args, autocast, data.n_users)
+        eval_time = time.time() - start
+        run_time += train_time + eval_time
+        throughputs.append(train_batches.samples_per_rank * world_size / train_time)
+        eval_throughputs.append(data.n_users * candidates.items.shape[1] / eval_time)
+        log(
+            f"epoch {epoch}: HR@{args.topk} {hr:.4f}  NDCG@{args.topk} {ndcg:.4f}  train loss {train_loss:.4f}  "
+            f"valid loss {val_loss:.4f}  {throughputs[-1]:,.0f} samples/s  train {train_time:.1f}s  "
+            f"eval {eval_time:.1f}s"
+        )
+        logger.log(
+            (epoch,),
+            {
+                "train_throughput": throughputs[-1],
+                f"hr@{args.topk}": hr,
+                f"ndcg@{args.topk}": ndcg,
+                "train_epoch_time": train_time,
+                "validation_epoch_time": eval_time,
+                "eval_throughput": eval_throughputs[-1],
+                "train_loss": train_loss,
+                "validation_loss": val_loss,
+            },
+        )
+        if hr > best["hr"]:
+            best = {"hr": hr, "ndcg": ndcg, "epoch": epoch, "time": run_time}
+            if is_main:
+                atomic_save(model.state_dict(), checkpoint_dir / BEST_CHECKPOINT)
+        if is_main:
+            save_training_state(checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, epoch, seed, best, data)
+        if hr >= args.threshold:
+            target_time = run_time
+            log(f"HR@{args.topk} {hr:.4f} reached the threshold {args.threshold}; stopping")
+            break
+
+    summary = {"best_accuracy": best["hr"], "best_epoch": best["epoch"], "time_to_best_model": best["time"]}
+    if throughputs:
+        summary |= {
+            "best_train_throughput": max(throughputs),
+            "mean_train_throughput": sum(throughputs) / len(throughputs),
+            "best_eval_throughput": max(eval_throughputs),
+            "mean_eval_throughput": sum(eval_throughputs) / len(eval_throughputs),
+        }
+    if target_time is not None:
+        summary["time_to_target"] = target_time
+    logger.log((), summary)
+    logger.close()
+    log(f"best HR@{args.topk} {best['hr']:.4f} at epoch {best['epoch']}; model in {checkpoint_dir / BEST_CHECKPOINT}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_main(main)
