@@ -52,7 +52,7 @@ CUSTOM_COLUMNS = ("user_id", "item_id", "timestamp")
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--path", required=True, help="ratings file (ratings.csv, ratings.dat, u.data or a CSV)")
+    parser.add_argument("--path", help="ratings file (ratings.csv, ratings.dat, u.data, a CSV); unused by --check")
     parser.add_argument("--output", required=True, help="cache directory to write")
     parser.add_argument(
         "--format",
@@ -64,9 +64,12 @@ def parse_args():
     parser.add_argument("--valid_negative", type=int, default=100, help="test negatives per user")
     parser.add_argument("--seed", type=int, default=1, help="seed of the test-negative draw")
     parser.add_argument(
-        "--check", action="store_true", help="only check that --output holds a valid cache (exit 0) or not (exit 1)"
+        "--check", action="store_true", help="only check that --output holds a valid cache (exit 0) or not (exit 2)"
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.path is None and not args.check:
+        parser.error("the following arguments are required: --path")
+    return args
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -85,7 +88,7 @@ def guess_format(path):
 def first_line(path):
     with open(path, "rb") as file:
         line = file.readline()
-    return line.decode("utf-8", errors="replace").rstrip("\r\n")
+    return line.decode("utf-8-sig", errors="replace").rstrip("\r\n")
 
 
 def layout(path, fmt):
@@ -140,7 +143,7 @@ def read_ratings(path, fmt):
             parse_options=pacsv.ParseOptions(delimiter=delimiter),
             convert_options=convert_options,
         )
-    except (pa.ArrowInvalid, UnicodeDecodeError) as error:
+    except (pa.ArrowException, UnicodeDecodeError) as error:
         raise CliError(f"{path}: {diagnose(path, fmt) or error}") from None
     if table.num_rows == 0:
         raise CliError(f"{path} holds no ratings")
@@ -149,13 +152,26 @@ def read_ratings(path, fmt):
         users, items = numeric_ids_if_possible(users), numeric_ids_if_possible(items)
     users, items, times = (column.to_numpy() for column in (users, items, times))
     if np.issubdtype(times.dtype, np.floating) and not np.isfinite(times).all():
-        line = int(np.flatnonzero(~np.isfinite(times))[0]) + 1 + has_header
+        line = line_number(path, int(np.flatnonzero(~np.isfinite(times))[0]), has_header)
         raise CliError(f"{path}: line {line}: timestamp is not a finite number")
     for name, ids in (("user", users), ("item", items)):
         if ids.dtype.kind == "i" and ids.min() < 0:
-            line = int(np.argmax(ids < 0)) + 1 + has_header
-            raise CliError(f"{path}: line {line}: negative {name} id {ids[line - 1 - has_header]}")
+            row = int(np.argmax(ids < 0))
+            raise CliError(f"{path}: line {line_number(path, row, has_header)}: negative {name} id {ids[row]}")
     return users, items, times
+
+
+def line_number(path, row, has_header):
+    """The 1-based line of data row `row`, skipping the header and the empty lines the reader skips."""
+    with open(path, "rb") as file:
+        if has_header:
+            file.readline()
+        for number, line in enumerate(file, start=1 + has_header):
+            if line.rstrip(b"\r\n"):
+                if row == 0:
+                    return number
+                row -= 1
+    return None
 
 
 def numeric_ids_if_possible(column):
@@ -170,7 +186,7 @@ def diagnose(path, fmt):
     """Find the first bad line of a file the fast reader rejected. Only runs on the error path."""
     delimiter, has_header, columns, n_fields = layout(path, fmt)
     integer = re.compile(r"\s*-?\d+\s*$")
-    with open(path, encoding="utf-8", errors="replace", newline="") as file:
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as file:
         header = file.readline() if has_header else None
         if header is not None:
             fields = [f.strip().lower() if fmt == "custom" else f.strip() for f in header.rstrip("\r\n").split(",")]
@@ -188,6 +204,8 @@ def diagnose(path, fmt):
                 expected = (n_fields + 1) // 2 if fmt == "ml-1m" else n_fields
                 got = (len(fields) + 1) // 2 if fmt == "ml-1m" else len(fields)
                 return f"line {number}: expected {expected} fields, got {got}: {shown!r}"
+            if len(fields) <= max(columns):
+                return f"line {number}: expected at least {max(columns) + 1} fields, got {len(fields)}: {line!r}"
             user, item, timestamp = (fields[i] for i in columns)
             if fmt != "custom":
                 for name, value in (("user id", user), ("item id", item)):
@@ -327,6 +345,9 @@ def write_cache(output, cache, meta):
     except OSError as error:
         raise CliError(f"cannot write to {output.parent}: {error.strerror}") from None
     try:
+        umask = os.umask(0)  # the cache gets the usual permissions, not mkdtemp's 0o700
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         torch.save(torch.from_numpy(cache["train"]), tmp / TRAIN_FILE)
         torch.save(torch.from_numpy(cache["test"]), tmp / TEST_FILE)
         torch.save(torch.from_numpy(cache["negatives"]), tmp / NEGATIVES_FILE)

@@ -161,21 +161,38 @@ def generate(n_users, n_items, n_ratings, args):
 def main():
     args = parse_args()
     n_users, n_items, n_ratings = PRESETS[args.preset]
-    n_users, n_items, n_ratings = args.users or n_users, args.items or n_items, args.ratings or n_ratings
+    n_users = n_users if args.users is None else args.users  # an explicit 0 is an error, not "use the preset"
+    n_items = n_items if args.items is None else args.items
+    n_ratings = n_ratings if args.ratings is None else args.ratings
     if min(n_users, n_items, args.min_ratings, args.clusters, args.dim) < 1:
         raise CliError("--users, --items, --min_ratings, --clusters and --dim must be positive")
+    if args.seed < 0:
+        raise CliError("--seed must be non-negative")
     if n_items < 2 * args.min_ratings:
         raise CliError(f"--items must be at least twice --min_ratings ({2 * args.min_ratings})")
     if n_ratings < n_users * args.min_ratings:
         raise CliError(f"--ratings must be at least users x min_ratings ({n_users * args.min_ratings:,})")
-    table = generate(n_users, n_items, n_ratings, args)
+    if n_ratings > n_users * (n_items // 2):
+        raise CliError(f"--ratings must be at most users x items / 2 ({n_users * (n_items // 2):,})")
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.is_dir():
+        raise CliError(f"--output {output} is a directory; give the path of the CSV file to write")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CliError(f"cannot write to {output.parent}: {error.strerror}") from None
+    table = generate(n_users, n_items, n_ratings, args)
     tmp = output.with_name(f".{output.name}.tmp")
-    with open(tmp, "wb") as file:
-        file.write(b"userId,movieId,rating,timestamp\n")
-        pacsv.write_csv(table, file, pacsv.WriteOptions(include_header=False, quoting_style="none"))
-    tmp.replace(output)
+    try:
+        with open(tmp, "wb") as file:
+            file.write(b"userId,movieId,rating,timestamp\n")
+            pacsv.write_csv(table, file, pacsv.WriteOptions(include_header=False, quoting_style="none"))
+        tmp.replace(output)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise CliError(f"cannot write {output}: {error.strerror}") from None
+        raise
     print(f"{output}: {n_users:,} users, {n_items:,} items, {table.num_rows:,} ratings")
 
 

@@ -1,0 +1,834 @@
+"""Tests of convert.py: input formats, each pipeline step, test negatives, the cache on disk, bad input
+and the real MovieLens files (skipped when ../shared/data is absent)."""
+
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import convert
+from utils import CliError, run_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TENSOR_FILES = {"train": "train_ratings.pt", "test": "test_ratings.pt", "negatives": "test_negatives.pt"}
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def run_convert(*args):
+    """Run the convert.py CLI in a subprocess from the repo root."""
+    return subprocess.run(
+        [sys.executable, "convert.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def convert_ok(*args):
+    result = run_convert(*args)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def load_cache(path):
+    """metadata, tensors (numpy) and raw-id lists of a cache directory."""
+    path = Path(path)
+    cache = {name: torch.load(path / file).numpy() for name, file in TENSOR_FILES.items()}
+    cache["meta"] = json.loads((path / "metadata.json").read_text())
+    for name in ("user_ids", "item_ids"):
+        frame = pd.read_csv(path / f"{name}.csv", dtype=str, keep_default_na=False)
+        assert list(frame.columns) == ["raw_id"]
+        cache[name] = frame["raw_id"].tolist()
+    return cache
+
+
+def build(users, items, times, min_ratings=1, valid_negative=1, seed=1):
+    """convert.build on in-memory columns (as read_ratings returns them)."""
+    return convert.build(np.asarray(users), np.asarray(items), np.asarray(times), min_ratings, valid_negative, seed)
+
+
+def raw_test_items(cache):
+    """{raw user: raw test item} of a build() result."""
+    return {cache["user_ids"][u]: cache["item_ids"][i] for u, i in cache["test"]}
+
+
+def raw_train_pairs(cache):
+    return sorted((cache["user_ids"][u], cache["item_ids"][i]) for u, i in cache["train"])
+
+
+def leftovers(directory, name):
+    """Temporary or old-cache directories convert.py may leave beside DIRECTORY/NAME."""
+    return sorted(p.name for p in Path(directory).iterdir() if p.name.startswith(f".{name}."))
+
+
+def assert_one_line_error(result, prog="convert.py"):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"{prog}: error: "), result.stderr
+
+
+# The same six ratings in every layout. File order matters: dense ids follow first appearance.
+ROWS = [  # user, item, rating, timestamp
+    (10, 100, 5, 1000),
+    (10, 200, 3, 1001),
+    (20, 200, 4, 999),
+    (10, 300, 4, 1002),  # user 10's latest
+    (20, 100, 2, 1005),  # user 20's latest, although not its last line
+    (20, 300, 1, 1003),
+]
+# users 10 -> 0, 20 -> 1; items 100 -> 0, 200 -> 1, 300 -> 2
+EXPECTED_TRAIN = [[0, 0], [0, 1], [1, 1], [1, 2]]
+EXPECTED_TEST = [[0, 2], [1, 0]]
+
+
+def ratings_text(fmt, rows=ROWS):
+    if fmt == "ml-20m":
+        return "userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r}.0,{t}\n" for u, i, r, t in rows)
+    if fmt == "ml-1m":
+        return "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in rows)
+    if fmt == "ml-100k":
+        return "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows)
+    raise ValueError(fmt)
+
+
+CUSTOM_VARIANTS = {
+    "header": "user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, _, t in ROWS),
+    "no header": "".join(f"{u},{i},{t}\n" for u, i, _, t in ROWS),
+    "no header, extra columns": "".join(f"{u},{i},{t},{r},note {u}\n" for u, i, r, t in ROWS),
+    "header, extra columns, other order": "timestamp,rating,Item_ID,USER_ID,comment\r\n"
+    + "".join(f'{t},{r},{i},{u},"a, b"\r\n' for u, i, r, t in ROWS),
+    "header, byte-order mark, float times": "\ufeffuser_id,item_id,timestamp\n"
+    + "".join(f"{u},{i},{t}.25\n" for u, i, _, t in ROWS),
+}
+
+
+# --- formats ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fmt, name", [("ml-20m", "ratings.csv"), ("ml-1m", "ratings.dat"), ("ml-100k", "u.data")], ids=str
+)
+def test_movielens_formats_parse_to_the_same_ratings(tmp_path, fmt, name):
+    path = tmp_path / name
+    path.write_text(ratings_text(fmt))
+    assert convert.guess_format(path) == fmt
+    users, items, times = convert.read_ratings(path, fmt)
+    assert users.tolist() == [r[0] for r in ROWS]
+    assert items.tolist() == [r[1] for r in ROWS]
+    assert times.tolist() == [r[3] for r in ROWS]
+    cache = build(users, items, times)
+    assert cache["train"].tolist() == EXPECTED_TRAIN
+    assert cache["test"].tolist() == EXPECTED_TEST
+    assert cache["user_ids"].tolist() == [10, 20]
+    assert cache["item_ids"].tolist() == [100, 200, 300]
+
+
+@pytest.mark.parametrize("variant", CUSTOM_VARIANTS)
+def test_custom_csv_variants(tmp_path, variant):
+    path = tmp_path / "interactions.csv"
+    path.write_bytes(CUSTOM_VARIANTS[variant].encode())
+    assert convert.guess_format(path) == "custom"
+    users, items, times = convert.read_ratings(path, "custom")
+    # without a header the first line is data (the reference drops it: a known bug)
+    assert len(users) == len(ROWS)
+    assert users.tolist() == [r[0] for r in ROWS]
+    assert items.tolist() == [r[1] for r in ROWS]
+    assert times.tolist() == pytest.approx([r[3] + (0.25 if "float" in variant else 0) for r in ROWS])
+    cache = build(users, items, times)
+    assert cache["train"].tolist() == EXPECTED_TRAIN
+    assert cache["test"].tolist() == EXPECTED_TEST
+
+
+def test_custom_string_ids_round_trip_through_the_cache(tmp_path):
+    rows = [  # user, item, timestamp; ids look like numbers, words, numbers with zeros, with commas
+        ("alice", "0042", 5),
+        ("bob", "the matrix", 1),
+        ("alice", "x,y", 7),
+        ("007", "0042", 2),
+        ("bob", "0042", 3),
+        ("007", "the matrix", 9),
+        ("alice", "the matrix", 6),
+    ]
+    lines = ["user_id,item_id,timestamp"] + [f'{u},"{i}",{t}' for u, i, t in rows]
+    path = tmp_path / "events.csv"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "cache"
+    convert_ok("--path", path, "--format", "custom", "--output", out, "--min_ratings", "2", "--valid_negative", "1")
+    cache = load_cache(out)
+    assert cache["meta"]["user_id_type"] == "str"
+    assert cache["meta"]["item_id_type"] == "str"
+    assert cache["meta"]["format"] == "custom"
+    # line k of the id files is the raw id of dense id k, in order of first appearance
+    assert cache["user_ids"] == ["alice", "bob", "007"]
+    assert cache["item_ids"] == ["0042", "the matrix", "x,y"]
+    assert raw_test_items(cache) == {"alice": "x,y", "bob": "0042", "007": "the matrix"}
+    assert raw_train_pairs(cache) == sorted(
+        [("alice", "0042"), ("alice", "the matrix"), ("bob", "the matrix"), ("007", "0042")]
+    )
+
+
+def test_integer_id_maps_round_trip(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "ratings.dat"
+    path.write_text(ratings_text("ml-1m"))
+    out = tmp_path / "cache"
+    args = ["--path", path, "--output", out, "--min_ratings", "3", "--valid_negative", "1"]
+    monkeypatch.setattr(sys, "argv", ["convert.py", *map(str, args)])
+    run_main(convert.main)  # in process: the CLI's code path without a second torch import
+    assert capsys.readouterr().out == f"{out}: 2 users, 3 items, 4 training and 2 test ratings\n"
+    cache = load_cache(out)
+    meta = cache["meta"]
+    assert meta["format"] == "ml-1m"  # guessed from the name
+    assert (meta["user_id_type"], meta["item_id_type"]) == ("int", "int")
+    assert (meta["n_users"], meta["n_items"], meta["n_train"], meta["n_test"]) == (2, 3, 4, 2)
+    assert (meta["min_ratings"], meta["valid_negative"], meta["seed"]) == (3, 1, 1)
+    assert meta["format_version"] == convert.FORMAT_VERSION
+    assert meta["n_ratings_read"] == len(ROWS)
+    assert len(meta["source_sha256"]) == 64
+    assert cache["user_ids"] == ["10", "20"]
+    assert cache["item_ids"] == ["100", "200", "300"]
+    assert cache["train"].tolist() == EXPECTED_TRAIN
+    assert cache["test"].tolist() == EXPECTED_TEST
+    # three items, two in each user's training set: the one free item is its test item
+    assert cache["negatives"].tolist() == [[2], [0]]
+    assert all(cache[name].dtype == np.int64 for name in TENSOR_FILES)
+
+
+# --- the pipeline, step by step ---------------------------------------------------------------
+
+
+def test_min_ratings_filter_counts_raw_rows_and_ids_skip_dropped_users():
+    # user 7 has 2 rows; user 5 has 3 rows of which two repeat the same item; user 9 has 4
+    users = [7, 5, 7, 5, 9, 5, 9, 9, 9]
+    items = [900, 1, 2, 1, 3, 2, 2, 1, 4]
+    times = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    cache = build(users, items, times, min_ratings=3)
+    # user 7 is dropped before anything else: its item 900 gets no id; the filter counts rows
+    # before dedupe (as the reference does), so user 5 stays with 2 distinct items
+    assert cache["user_ids"].tolist() == [5, 9]
+    assert cache["item_ids"].tolist() == [1, 3, 2, 4]
+    assert raw_test_items(cache) == {5: 2, 9: 4}
+    assert raw_train_pairs(cache) == [(5, 1), (9, 1), (9, 2), (9, 3)]
+    everyone = build(users, items, times, min_ratings=2)
+    assert everyone["user_ids"].tolist() == [7, 5, 9]
+    assert everyone["item_ids"].tolist() == [900, 1, 2, 3, 4]
+    with pytest.raises(CliError, match="no user has 5 or more ratings"):
+        build(users, items, times, min_ratings=5)
+
+
+def test_dense_ids_follow_first_appearance_not_value():
+    users = [30, 10, 30, 20, 10, 20]
+    items = [5, 50, 7, 5, 7, 3]
+    cache = build(users, items, [1, 1, 2, 2, 3, 3])
+    assert cache["user_ids"].tolist() == [30, 10, 20]
+    assert cache["item_ids"].tolist() == [5, 50, 7, 3]
+    # 30 -> 0, 10 -> 1, 20 -> 2; 5 -> 0, 50 -> 1, 7 -> 2, 3 -> 3
+    assert cache["test"].tolist() == [[0, 2], [1, 2], [2, 3]]
+    assert cache["train"].tolist() == [[0, 0], [1, 1], [2, 0]]
+
+
+@pytest.mark.parametrize("float_times", [False, True], ids=["int", "float"])
+def test_equal_timestamps_later_line_is_later(float_times):
+    dtype = np.float64 if float_times else np.int64
+    # user 1: items 10 and 20 tie at its latest time -> 20 (the later line) is the test item
+    # user 2: the same tie in the other line order -> 10
+    users = [1, 1, 2, 2, 1, 2]
+    items = [10, 20, 20, 10, 30, 30]
+    times = np.array([5, 5, 5, 5, 1, 1], dtype=dtype)
+    cache = build(users, items, times)
+    assert raw_test_items(cache) == {1: 20, 2: 10}
+    # deterministic: the same input always gives the same split
+    for _ in range(3):
+        again = build(users, items, times)
+        assert again["test"].tolist() == cache["test"].tolist()
+        assert again["train"].tolist() == cache["train"].tolist()
+
+
+def test_time_order_breaks_ties_by_line_in_both_code_paths():
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 5, 1000)  # narrow range: timestamp * n + line
+    wide = small * (2**60 // 5)  # too wide for that: ranks of a stable sort
+    for times in (small, wide, small.astype(np.float64)):
+        key = convert.time_order(times)
+        assert len(np.unique(key)) == len(times)
+        assert np.array_equal(np.argsort(key), np.lexsort((np.arange(len(times)), times)))
+
+
+def test_dedupe_keeps_the_earliest():
+    # item 10 at t=1 and again at t=3; item 20 at t=2. Keeping the earliest 10 makes 20 the latest.
+    cache = build([1, 1, 1], [10, 20, 10], [1, 2, 3])
+    assert raw_test_items(cache) == {1: 20}
+    assert raw_train_pairs(cache) == [(1, 10)]
+    # among equal timestamps the earlier line is the earliest: 10 (line 1) stays before 20 (line 2)
+    tied = build([1, 1, 1, 1], [30, 10, 20, 10], [0, 9, 9, 9])
+    assert raw_test_items(tied) == {1: 20}
+    assert raw_train_pairs(tied) == [(1, 10), (1, 30)]
+
+
+def test_leave_one_out_holds_out_the_latest_wherever_it_is_in_the_file():
+    cache = build([4, 4, 4, 4], [1, 2, 3, 4], [50, 10, 20, 30])
+    assert raw_test_items(cache) == {4: 1}
+    assert raw_train_pairs(cache) == [(4, 2), (4, 3), (4, 4)]
+
+
+def test_a_user_left_without_training_items():
+    # user 2 rates one item twice: after dedupe its only pair is the test pair
+    cache = build([1, 1, 1, 2, 2], [1, 2, 3, 1, 1], [1, 2, 3, 4, 5], min_ratings=2, valid_negative=2)
+    assert raw_test_items(cache) == {1: 3, 2: 1}
+    assert raw_train_pairs(cache) == [(1, 1), (1, 2)]
+    assert cache["negatives"].shape == (2, 2)
+    assert set(cache["negatives"][0].tolist()) == {2}  # item 3 is user 1's only free item
+
+
+# --- test negatives ---------------------------------------------------------------------------
+
+
+def random_train_pairs(rng, n_users, n_items, max_per_user):
+    """Sorted user * n_items + item keys with a random training set per user."""
+    keys = [
+        u * n_items + np.sort(rng.choice(n_items, rng.integers(0, max_per_user + 1), replace=False))
+        for u in range(n_users)
+    ]
+    return np.concatenate(keys).astype(np.int64)
+
+
+def naive_negatives(train_sets, n_items, per_user, seed):
+    """The contract spelled out: draw = the r-th item (in id order) that is not a training positive."""
+    rng = np.random.default_rng(seed)
+    allowed = [np.array(sorted(set(range(n_items)) - set(s))) for s in train_sets]
+    draws = rng.integers(0, np.array([len(a) for a in allowed])[:, None], size=(len(allowed), per_user))
+    return np.stack([a[d] for a, d in zip(allowed, draws, strict=True)])
+
+
+def test_sample_test_negatives_matches_a_naive_reference_on_every_small_training_set():
+    n_items, per_user = 5, 200
+    # every subset of the 5 items but the full one is some user's training set
+    subsets = [s for k in range(n_items) for s in itertools.combinations(range(n_items), k)]
+    keys = np.array([u * n_items + i for u, s in enumerate(subsets) for i in s], dtype=np.int64)
+    negatives = convert.sample_test_negatives(keys, len(subsets), n_items, per_user, seed=11)
+    assert negatives.shape == (len(subsets), per_user)
+    assert np.array_equal(negatives, naive_negatives(subsets, n_items, per_user, seed=11))
+    for user, subset in enumerate(subsets):  # 200 draws reach every free item
+        assert set(negatives[user].tolist()) == set(range(n_items)) - set(subset)
+
+
+def test_sample_test_negatives_matches_the_naive_reference_on_random_sets():
+    rng = np.random.default_rng(5)
+    n_users, n_items = 60, 40
+    keys = random_train_pairs(rng, n_users, n_items, n_items - 1)
+    sets = [keys[keys // n_items == u] % n_items for u in range(n_users)]
+    negatives = convert.sample_test_negatives(keys, n_users, n_items, 30, seed=2)
+    assert np.array_equal(negatives, naive_negatives(sets, n_items, 30, seed=2))
+
+
+def test_negatives_never_hit_training_positives_and_have_the_right_shape():
+    rng = np.random.default_rng(1)
+    n_users, n_items, per_user = 300, 80, 100
+    keys = random_train_pairs(rng, n_users, n_items, n_items - 1)
+    negatives = convert.sample_test_negatives(keys, n_users, n_items, per_user, seed=1)
+    assert negatives.shape == (n_users, per_user)
+    assert negatives.dtype == np.int64
+    assert negatives.min() >= 0 and negatives.max() < n_items
+    negative_keys = np.arange(n_users)[:, None] * n_items + negatives
+    assert not np.isin(negative_keys, keys).any()
+
+
+def chi_square_bound(df, sigmas=6):
+    return df + sigmas * math.sqrt(2 * df)
+
+
+def test_negatives_are_uniform_over_the_allowed_items():
+    rng = np.random.default_rng(2)
+    # many users with different training sets, pooled: item i is expected
+    # sum over users of per_user * [i allowed for u] / (number of items allowed for u)
+    n_users, n_items, per_user = 400, 50, 100
+    keys = random_train_pairs(rng, n_users, n_items, 40)
+    negatives = convert.sample_test_negatives(keys, n_users, n_items, per_user, seed=7)
+    allowed = np.ones((n_users, n_items), dtype=bool)
+    allowed[keys // n_items, keys % n_items] = False
+    expected = (per_user * allowed / allowed.sum(axis=1, keepdims=True)).sum(axis=0)
+    observed = np.bincount(negatives.ravel(), minlength=n_items)
+    assert ((observed - expected) ** 2 / expected).sum() < chi_square_bound(n_items - 1)
+    # one user, many draws: uniform over exactly its 20 free items
+    train = np.sort(rng.choice(n_items, 30, replace=False))
+    one = convert.sample_test_negatives(train.astype(np.int64), 1, n_items, 40_000, seed=3)[0]
+    counts = np.bincount(one, minlength=n_items)
+    assert not counts[train].any()
+    free = np.setdiff1d(np.arange(n_items), train)
+    mean = len(one) / len(free)
+    assert ((counts[free] - mean) ** 2 / mean).sum() < chi_square_bound(len(free) - 1)
+
+
+def test_a_user_with_all_items_but_one_gets_only_that_one():
+    n_items = 6
+    # user 1 rates every item, the latest being item 5: its training set is items 0..4
+    users = [1] * n_items + [2, 2]
+    items = list(range(n_items)) + [0, 1]
+    cache = build(users, items, list(range(n_items + 2)), valid_negative=n_items - 1, seed=4)
+    assert cache["negatives"].shape == (2, n_items - 1)
+    assert cache["negatives"][0].tolist() == [5] * (n_items - 1)
+    assert 0 not in cache["negatives"][1].tolist()  # user 2's training item
+
+
+def test_seed_decides_the_negatives():
+    rng = np.random.default_rng(3)
+    keys = random_train_pairs(rng, 50, 100, 60)
+    first = convert.sample_test_negatives(keys, 50, 100, 100, seed=1)
+    assert np.array_equal(first, convert.sample_test_negatives(keys, 50, 100, 100, seed=1))
+    assert (first != convert.sample_test_negatives(keys, 50, 100, 100, seed=2)).mean() > 0.9
+
+
+# --- the cache on disk ------------------------------------------------------------------------
+
+
+def write_small_csv(path):
+    """A 4-user ml-20m file: 3 users with >= 20 ratings, one with 5; 56 distinct items."""
+    rng = np.random.default_rng(0)
+    lines = ["userId,movieId,rating,timestamp"]
+    for user, count in ((1, 25), (2, 5), (3, 40), (4, 30)):
+        for item in rng.choice(60, count, replace=False):
+            lines.append(f"{user},{item + 1},4.0,{rng.integers(1_000, 1_100)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_caches(tmp_path_factory):
+    """The small file converted three times by the CLI: seed 1 twice (different directories), seed 2."""
+    root = tmp_path_factory.mktemp("small")
+    source = write_small_csv(root / "ratings.csv")
+    outputs = {"first": root / "a" / "cache", "second": root / "b" / "another_name", "seed 2": root / "c" / "cache"}
+    seeds = {"first": 1, "second": 1, "seed 2": 2}
+    with ThreadPoolExecutor(3) as pool:
+        runs = pool.map(
+            lambda name: run_convert(
+                "--path", source, "--output", outputs[name], "--valid_negative", 10, "--seed", seeds[name]
+            ),
+            outputs,
+        )
+        for result in runs:
+            assert result.returncode == 0, result.stderr
+    return source, outputs
+
+
+def test_same_seed_gives_byte_identical_caches(small_caches):
+    _, outputs = small_caches
+    first, second = outputs["first"], outputs["second"]
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(convert.CACHE_FILES)
+    assert sorted(p.name for p in second.iterdir()) == names
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    # another seed: other negatives, the same everything else
+    a, c = load_cache(first), load_cache(outputs["seed 2"])
+    assert (a["meta"]["n_users"], a["meta"]["n_items"], a["meta"]["n_train"]) == (3, 56, 25 + 40 + 30 - 3)
+    assert a["negatives"].shape == (3, 10)
+    assert not np.array_equal(a["negatives"], c["negatives"])
+    assert np.array_equal(a["train"], c["train"]) and np.array_equal(a["test"], c["test"])
+    assert (a["meta"]["seed"], c["meta"]["seed"]) == (1, 2)
+    # the cache directory gets the usual permissions (mkdtemp alone would give 0o700)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert first.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_check(small_caches, tmp_path):
+    _, outputs = small_caches
+    out = outputs["first"]
+
+    def broken(name, damage):
+        copy = tmp_path / name
+        shutil.copytree(out, copy)
+        damage(copy)
+        return copy
+
+    meta = json.loads((out / "metadata.json").read_text())
+    old_meta = json.dumps({**meta, "format_version": convert.FORMAT_VERSION - 1})
+    cases = {
+        "missing": (tmp_path / "nothing_here", "no metadata.json"),
+        "partial": (broken("partial", lambda d: (d / "test_negatives.pt").unlink()), "incomplete"),
+        "old version": (broken("old", lambda d: (d / "metadata.json").write_text(old_meta)), "another version"),
+        "corrupt metadata": (broken("corrupt", lambda d: (d / "metadata.json").write_text("{")), "corrupt"),
+        "not a dict": (broken("list", lambda d: (d / "metadata.json").write_text("[1]")), "another version"),
+    }
+    for directory, message in cases.values():
+        with pytest.raises(CliError, match=message):
+            convert.read_metadata(directory)
+    assert convert.read_metadata(out)["n_users"] == 3
+    # the CLI: exit 0 on the valid cache (no --path needed), != 0 with one line on a partial or old one
+    cli_cases = {"valid": out} | {name: cases[name][0] for name in ("partial", "old version")}
+    with ThreadPoolExecutor(2) as pool:
+        results = pool.map(lambda d: run_convert("--check", "--output", d), cli_cases.values())
+        results = dict(zip(cli_cases, results, strict=True))
+    assert results.pop("valid").returncode == 0
+    for name, result in results.items():
+        assert_one_line_error(result)
+        assert cases[name][1] in result.stderr
+
+
+def test_an_existing_file_or_empty_directory_as_output(tmp_path):
+    cache = build([1, 1], [1, 2], [1, 2])
+    meta = {"format_version": convert.FORMAT_VERSION}
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(CliError, match="is not a data cache"):
+        convert.write_cache(a_file, cache, meta)
+    assert a_file.read_text() == "keep me"
+    empty = tmp_path / "empty"  # an empty directory holds nothing to lose
+    empty.mkdir()
+    convert.write_cache(empty, cache, meta)
+    assert convert.read_metadata(empty)["format_version"] == convert.FORMAT_VERSION
+    assert leftovers(tmp_path, "empty") == []
+
+
+def test_reconverting_replaces_the_cache(small_caches, tmp_path):
+    source, outputs = small_caches
+    out = tmp_path / "cache"
+    shutil.copytree(outputs["first"], out)
+    first = load_cache(out)
+    convert_ok("--path", source, "--output", out, "--valid_negative", "10", "--seed", "2")
+    second = load_cache(out)
+    assert second["meta"]["seed"] == 2
+    assert not np.array_equal(first["negatives"], second["negatives"])
+    for name in convert.CACHE_FILES:  # byte for byte the cache a fresh run with seed 2 writes
+        assert (out / name).read_bytes() == (outputs["seed 2"] / name).read_bytes(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+@pytest.mark.parametrize("crash", [RuntimeError, KeyboardInterrupt, OSError])
+def test_a_crash_while_writing_leaves_the_old_cache_untouched(tmp_path, monkeypatch, crash):
+    source = write_small_csv(tmp_path / "ratings.csv")
+    out = tmp_path / "cache"
+    cache = convert.build(*convert.read_ratings(source, "ml-20m"), 20, 10, 1)
+    meta = {"format_version": convert.FORMAT_VERSION, "seed": 1}
+    convert.write_cache(out, cache, meta)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    saved = []
+    real_save = torch.save
+
+    def save_then_crash(obj, path):
+        saved.append(path)
+        if len(saved) == 2:
+            raise crash(28, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(convert.torch, "save", save_then_crash)
+    with pytest.raises(CliError if crash is OSError else crash):
+        convert.write_cache(out, cache, {**meta, "seed": 2})
+    assert len(saved) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert convert.read_metadata(out)["seed"] == 1
+    assert leftovers(tmp_path, "cache") == []
+    # without the crash the new cache replaces the old one, and nothing else is left behind
+    monkeypatch.setattr(convert.torch, "save", real_save)
+    convert.write_cache(out, cache, {**meta, "seed": 2})
+    assert convert.read_metadata(out)["seed"] == 2
+    assert leftovers(tmp_path, "cache") == []
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+GOOD = "userId,movieId,rating,timestamp\n1,10,4.0,100\n1,20,4.0,101\n1,30,3.0,102\n2,10,1.0,100\n2,20,2.0,105\n"
+# name: (files to create, arguments ({dir} is the case's directory), what the message must contain).
+# --output is {dir}/cache unless given.
+BAD_INPUTS = {
+    "missing file": ({}, ["--path", "{dir}/ratings.csv"], "does not exist"),
+    "empty file": ({"ratings.csv": ""}, ["--path", "{dir}/ratings.csv"], "is empty"),
+    "header only": (
+        {"ratings.csv": "userId,movieId,rating,timestamp\n"},
+        ["--path", "{dir}/ratings.csv"],
+        "no ratings",
+    ),
+    "malformed row, ml-20m": (
+        {"ratings.csv": GOOD + "3,10,4.0,100,7\n"},
+        ["--path", "{dir}/ratings.csv"],
+        "line 7: expected 4 fields, got 5",
+    ),
+    "malformed row, ml-1m": (
+        {"ratings.dat": "1::10::4::100\n1::20::4\n"},
+        ["--path", "{dir}/ratings.dat", "--format", "ml-1m"],
+        "line 2: expected 4 fields, got 3",
+    ),
+    "malformed row, ml-100k": (
+        {"u.data": "1\t10\t4\t100\n1\tabc\t4\t101\n"},
+        ["--path", "{dir}/u.data"],
+        "line 2: item id 'abc' is not an integer",
+    ),
+    "missing column, ml-20m": (
+        {"ratings.csv": "userId,movieId,rating\n1,10,4.0\n"},
+        ["--path", "{dir}/ratings.csv"],
+        "no column timestamp",
+    ),
+    "missing column, custom header": (
+        {"events.csv": "user_id,item_id,rating\n1,10,4.0\n"},
+        ["--path", "{dir}/events.csv"],
+        "no column timestamp",
+    ),
+    "missing column, custom without header": (
+        {"events.csv": "1,10\n2,20\n"},
+        ["--path", "{dir}/events.csv", "--format", "custom"],
+        "line 1: expected at least 3 fields, got 2",
+    ),
+    "missing column, ml-100k": (
+        {"u.data": "1\t10\t4\n"},
+        ["--path", "{dir}/u.data", "--format", "ml-100k"],
+        "line 1: expected 4 fields, got 3",
+    ),
+    "non-numeric timestamp, ml-20m": (
+        {"ratings.csv": GOOD.replace("1,20,4.0,101", "1,20,4.0,yesterday")},
+        ["--path", "{dir}/ratings.csv"],
+        "line 3: timestamp 'yesterday' is not a number",
+    ),
+    "non-numeric timestamp, custom": (
+        {"events.csv": "user_id,item_id,timestamp\na,b,1\na,c,noon\n"},
+        ["--path", "{dir}/events.csv"],
+        "line 3: timestamp 'noon' is not a number",
+    ),
+    "nan timestamp, custom": (
+        {"events.csv": "a,b,1\na,c,2\na,d,nan\n"},
+        ["--path", "{dir}/events.csv", "--format", "custom"],
+        "line 3: timestamp is not a finite number",
+    ),
+    "negative user id": (
+        {"u.data": "1\t10\t4\t100\n1\t11\t4\t101\n-2\t10\t4\t100\n"},
+        ["--path", "{dir}/u.data"],
+        "line 3: negative user id -2",
+    ),
+    "negative item id after a blank line": (
+        {"ratings.csv": GOOD + "\n2,-30,4.0,100\n"},
+        ["--path", "{dir}/ratings.csv"],
+        "line 8: negative item id -30",
+    ),
+    "every user filtered out": ({"ratings.csv": GOOD}, ["--path", "{dir}/ratings.csv"], "no user has 20 or more"),
+    "unknown format": (
+        {"ratings.csv": GOOD},
+        ["--path", "{dir}/ratings.csv", "--format", "ml-30m"],
+        "invalid choice: 'ml-30m'",
+    ),
+    "no --path": ({}, [], "the following arguments are required: --path"),
+    "unwritable output": (  # under a regular file: fails for root too, unlike a chmod-ed directory
+        {"ratings.csv": GOOD, "a_file": "x"},
+        [
+            "--path",
+            "{dir}/ratings.csv",
+            "--min_ratings",
+            "1",
+            "--valid_negative",
+            "1",
+            "--output",
+            "{dir}/a_file/cache",
+        ],
+        "cannot write",
+    ),
+    "output is a directory that is not a cache": (
+        {"ratings.csv": GOOD, "my_documents/thesis.txt": "precious"},
+        [
+            "--path",
+            "{dir}/ratings.csv",
+            "--min_ratings",
+            "1",
+            "--valid_negative",
+            "1",
+            "--output",
+            "{dir}/my_documents",
+        ],
+        "is not a data cache",
+    ),
+    "valid_negative equal to the number of items": (
+        {"ratings.csv": GOOD},
+        ["--path", "{dir}/ratings.csv", "--min_ratings", "1", "--valid_negative", "3"],
+        "--valid_negative 3 must be smaller than the number of items (3)",
+    ),
+    "valid_negative zero": (
+        {"ratings.csv": GOOD},
+        ["--path", "{dir}/ratings.csv", "--valid_negative", "0"],
+        "--valid_negative must be at least 1",
+    ),
+    "min_ratings zero": ({"ratings.csv": GOOD}, ["--path", "{dir}/ratings.csv", "--min_ratings", "0"], "at least 1"),
+    "format cannot be guessed": ({"ratings.txt": GOOD}, ["--path", "{dir}/ratings.txt"], "cannot guess the format"),
+}
+ARGPARSE_ERRORS = {"unknown format", "no --path"}  # argparse prints its usage before the one error line
+# Each CLI run pays ~1.5 s to import torch, so every case runs in process (the same run_main(main)
+# the script runs, with its real stderr and exit code) and a sample of them through the CLI too.
+CLI_CASES = [
+    "missing file",
+    "malformed row, ml-20m",
+    "missing column, custom without header",
+    "negative item id after a blank line",
+    "unknown format",
+    "unwritable output",
+    "output is a directory that is not a cache",
+]
+
+
+def make_case(directory, name):
+    files, args, _ = BAD_INPUTS[name]
+    for file, text in files.items():
+        (directory / file).parent.mkdir(parents=True, exist_ok=True)
+        (directory / file).write_text(text)
+    args = [a.format(dir=directory) for a in args]
+    return args if "--output" in args else args + ["--output", str(directory / "cache")]
+
+
+def check_bad_input_result(name, directory, returncode, stderr):
+    files, _, message = BAD_INPUTS[name]
+    assert returncode == 2
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    if name in ARGPARSE_ERRORS:
+        assert stderr.startswith("usage: convert.py")
+        lines = lines[-1:]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("convert.py: error: "), stderr
+    assert message in lines[0]
+    # nothing written: no cache, no temporary directory, every input file as it was
+    expected = {file for file in files} | {str(Path(file).parent) for file in files if "/" in file}
+    assert {str(p.relative_to(directory)) for p in directory.rglob("*")} == expected
+    for file, text in files.items():
+        assert (directory / file).read_text() == text
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_in_process(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["convert.py", *make_case(tmp_path, name)])
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(convert.main)
+    check_bad_input_result(name, tmp_path, exit_info.value.code, capsys.readouterr().err)
+
+
+@pytest.fixture(scope="module")
+def bad_input_cli_runs(tmp_path_factory):
+    """Run the CLI cases once, two at a time."""
+    cases = {}
+    for name in CLI_CASES:
+        directory = tmp_path_factory.mktemp("bad")
+        cases[name] = (directory, make_case(directory, name))
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        results = pool.map(lambda case: run_convert(*case[1]), cases.values())
+        return {name: (cases[name][0], result) for name, result in zip(cases, results, strict=True)}
+
+
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_bad_input_cli(bad_input_cli_runs, name):
+    directory, result = bad_input_cli_runs[name]
+    check_bad_input_result(name, directory, result.returncode, result.stderr)
+
+
+# --- real MovieLens files ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Convert a real file once per module with the CLI; returns (raw file, loaded cache)."""
+    done = {}
+
+    def convert_file(source, raw_name):
+        if raw_name not in done:
+            directory = tmp_path_factory.mktemp(raw_name.replace("/", "_"))
+            raw = directory / raw_name
+            raw.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, raw)
+            convert_ok("--path", raw, "--output", directory / "cache")
+            done[raw_name] = (raw, load_cache(directory / "cache"))
+        return done[raw_name]
+
+    return convert_file
+
+
+def check_against_raw(cache, raw_users, raw_items, raw_times):
+    """Recompute the split with pandas and compare; check the negatives against the training set."""
+    frame = pd.DataFrame({"user": raw_users, "item": raw_items, "time": raw_times})
+    frame["line"] = np.arange(len(frame))
+    meta = cache["meta"]
+    assert cache["user_ids"] == [str(u) for u in pd.unique(frame["user"])]
+    assert cache["item_ids"] == [str(i) for i in pd.unique(frame["item"])]
+    latest = frame.sort_values(["time", "line"]).groupby("user").tail(1)
+    user_ids, item_ids = np.array(cache["user_ids"], dtype=np.int64), np.array(cache["item_ids"], dtype=np.int64)
+    ours = dict(zip(user_ids[cache["test"][:, 0]], item_ids[cache["test"][:, 1]], strict=True))
+    assert ours == dict(zip(latest["user"], latest["item"], strict=True))
+    assert cache["train"].shape == (meta["n_train"], 2)
+    assert cache["test"].shape == (meta["n_users"], 2)
+    assert cache["test"][:, 0].tolist() == list(range(meta["n_users"]))
+    assert cache["negatives"].shape == (meta["n_users"], 100)
+    train_keys = cache["train"][:, 0] * meta["n_items"] + cache["train"][:, 1]
+    negative_keys = np.arange(meta["n_users"])[:, None] * meta["n_items"] + cache["negatives"]
+    assert not np.isin(negative_keys, train_keys).any()
+
+
+def test_ml_100k(shared_data, converted):
+    raw, cache = converted(shared_data / "ml-100k" / "u.data", "ml-100k/u.data")
+    meta = cache["meta"]
+    assert meta["format"] == "ml-100k"
+    assert (meta["n_users"], meta["n_items"], meta["n_train"], meta["n_test"]) == (943, 1_682, 99_057, 943)
+    frame = pd.read_csv(raw, sep="\t", header=None, names=["user", "item", "rating", "time"])
+    check_against_raw(cache, frame["user"], frame["item"], frame["time"])
+
+
+def read_ml_1m(path):
+    return pd.read_csv(path, sep=":", header=None, usecols=[0, 2, 6], names=["user", "item", "time"])
+
+
+def test_ml_1m_partial(shared_data, converted):
+    raw, cache = converted(shared_data / "ml-1m" / "ratings.PARTIAL-users-1-2999.dat", "ml-1m/ratings.dat")
+    meta = cache["meta"]
+    assert meta["format"] == "ml-1m"
+    assert (meta["n_users"], meta["n_items"], meta["n_train"], meta["n_test"]) == (2_999, 3_615, 484_651, 2_999)
+    frame = read_ml_1m(raw)
+    check_against_raw(cache, frame["user"], frame["item"], frame["time"])
+
+
+def test_ml_1m_agrees_with_the_ncf_paper_test_file(shared_data, converted):
+    """Where the latest rating is not tied, our test item is the NCF paper's (its ids equal ours)."""
+    _, cache = converted(shared_data / "ml-1m" / "ratings.PARTIAL-users-1-2999.dat", "ml-1m/ratings.dat")
+    frame = read_ml_1m(shared_data / "ml-1m" / "ratings.PARTIAL-users-1-2999.dat")
+    n_users = cache["meta"]["n_users"]
+    ncf = pd.read_csv(
+        shared_data / "ncf-paper" / "ml-1m.test.rating", sep="\t", header=None, names=["user", "item", "r", "t"]
+    )
+    ncf = ncf[ncf["user"] < n_users]
+    assert ncf["user"].tolist() == list(range(n_users))
+    at_latest = frame["time"] == frame.groupby("user")["time"].transform("max")
+    tied = (frame[at_latest].groupby("user").size() > 1).to_numpy()  # raw users 1.. -> dense 0.. in order
+    assert (~tied).sum() == 2_999 - 1_268
+    ours, theirs = cache["test"][:, 1], ncf["item"].to_numpy()
+    assert np.array_equal(ours[~tied], theirs[~tied])
+    # for tied users both picks are among the tied latest items (ours is the last line of them)
+    latest_items = frame[at_latest].groupby("user")["item"].agg(list)
+    item_index = {int(raw): dense for dense, raw in enumerate(cache["item_ids"])}
+    for user in np.flatnonzero(tied):
+        candidates = {item_index[i] for i in latest_items.iloc[user]}
+        assert ours[user] == item_index[latest_items.iloc[user][-1]]
+        assert theirs[user] in candidates
+    # NCF's negatives of the untied users are never our training positives (same training sets)
+    negatives = pd.read_csv(shared_data / "ncf-paper" / "ml-1m.test.negative", sep="\t", header=None).iloc[:n_users]
+    ncf_negatives = negatives.iloc[:, 1:].to_numpy(dtype=np.int64)[~tied]
+    # (ids >= 3,615 are items the full file has beyond our prefix: never in our training set)
+    train_keys = cache["train"][:, 0] * 10_000 + cache["train"][:, 1]
+    users = np.flatnonzero(~tied)[:, None]
+    assert not np.isin(users * 10_000 + ncf_negatives, train_keys).any()
+
+
+def test_ml_latest_small_crlf(shared_data):
+    path = shared_data / "ml-latest-small" / "ratings.csv"
+    assert convert.guess_format(path) == "ml-20m"
+    users, items, times = convert.read_ratings(path, "ml-20m")
+    assert len(users) == 100_836
+    cache = convert.build(users, items, times, 20, 100, 1)
+    assert (len(cache["user_ids"]), len(cache["item_ids"]), len(cache["train"]), len(cache["test"])) == (
+        610,
+        9_724,
+        100_226,
+        610,
+    )
+    assert cache["user_ids"].tolist() == list(range(1, 611))  # the file is sorted by user
+    assert cache["negatives"].shape == (610, 100)
