@@ -1,4 +1,8 @@
-"""Helpers shared by the scripts: user-facing errors, atomic writes, distributed set-up, logging."""
+"""Helpers shared by the scripts: user-facing errors, atomic writes, distributed set-up, logging.
+
+torch is imported inside the functions that use it: the data tools (convert.py, synthetic.py)
+import this module too, and convert.py loads torch in the background while it parses.
+"""
 
 import datetime
 import json
@@ -7,8 +11,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 
 class CliError(Exception):
@@ -25,10 +27,19 @@ def run_main(main):
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        # on every path (test mode returns early; errors): a process group left to the interpreter's
+        # exit aborts the process ("terminate called without an active exception", SIGABRT) about half
+        # the time under torchrun
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def atomic_save(obj, path):
     """torch.save into a temporary file beside `path`, then rename: readers never see half a file."""
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -43,6 +54,8 @@ def atomic_save(obj, path):
 
 def load_state_dict_file(path):
     """Load a checkpoint saved by this suite or by the reference (a plain state dict, maybe DDP-prefixed)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CliError(f"checkpoint {path} does not exist")
@@ -85,6 +98,8 @@ def init_distributed(local_rank_flag=None):
     Returns (rank, world_size, device). Rank and world size come from the environment, so a
     plain `python ncf.py` is a world of one and multi-node launches shard by global rank.
     """
+    import torch
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_flag if local_rank_flag is not None else 0))
@@ -100,6 +115,8 @@ def init_distributed(local_rank_flag=None):
 
 
 def all_reduce_sum(tensor):
+    import torch
+
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor)
     return tensor
@@ -107,6 +124,8 @@ def all_reduce_sum(tensor):
 
 def broadcast_int(value, device):
     """Rank 0's value of an integer, on every rank."""
+    import torch
+
     if not torch.distributed.is_initialized():
         return value
     tensor = torch.tensor([value], dtype=torch.int64, device=device)

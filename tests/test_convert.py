@@ -307,6 +307,7 @@ def naive_negatives(train_sets, n_items, per_user, seed):
     rng = np.random.default_rng(seed)
     allowed = [np.array(sorted(set(range(n_items)) - set(s))) for s in train_sets]
     draws = rng.integers(0, np.array([len(a) for a in allowed])[:, None], size=(len(allowed), per_user))
+    draws.sort(axis=1)  # convert.py returns each user's draws in increasing order
     return np.stack([a[d] for a, d in zip(allowed, draws, strict=True)])
 
 
@@ -315,7 +316,7 @@ def test_sample_test_negatives_matches_a_naive_reference_on_every_small_training
     # every subset of the 5 items but the full one is some user's training set
     subsets = [s for k in range(n_items) for s in itertools.combinations(range(n_items), k)]
     keys = np.array([u * n_items + i for u, s in enumerate(subsets) for i in s], dtype=np.int64)
-    negatives = convert.sample_test_negatives(keys, len(subsets), n_items, per_user, seed=11)
+    negatives = convert.sample_test_negatives(*np.divmod(keys, n_items), len(subsets), n_items, per_user, seed=11)
     assert negatives.shape == (len(subsets), per_user)
     assert np.array_equal(negatives, naive_negatives(subsets, n_items, per_user, seed=11))
     for user, subset in enumerate(subsets):  # 200 draws reach every free item
@@ -327,7 +328,7 @@ def test_sample_test_negatives_matches_the_naive_reference_on_random_sets():
     n_users, n_items = 60, 40
     keys = random_train_pairs(rng, n_users, n_items, n_items - 1)
     sets = [keys[keys // n_items == u] % n_items for u in range(n_users)]
-    negatives = convert.sample_test_negatives(keys, n_users, n_items, 30, seed=2)
+    negatives = convert.sample_test_negatives(*np.divmod(keys, n_items), n_users, n_items, 30, seed=2)
     assert np.array_equal(negatives, naive_negatives(sets, n_items, 30, seed=2))
 
 
@@ -335,7 +336,7 @@ def test_negatives_never_hit_training_positives_and_have_the_right_shape():
     rng = np.random.default_rng(1)
     n_users, n_items, per_user = 300, 80, 100
     keys = random_train_pairs(rng, n_users, n_items, n_items - 1)
-    negatives = convert.sample_test_negatives(keys, n_users, n_items, per_user, seed=1)
+    negatives = convert.sample_test_negatives(*np.divmod(keys, n_items), n_users, n_items, per_user, seed=1)
     assert negatives.shape == (n_users, per_user)
     assert negatives.dtype == np.int64
     assert negatives.min() >= 0 and negatives.max() < n_items
@@ -353,7 +354,7 @@ def test_negatives_are_uniform_over_the_allowed_items():
     # sum over users of per_user * [i allowed for u] / (number of items allowed for u)
     n_users, n_items, per_user = 400, 50, 100
     keys = random_train_pairs(rng, n_users, n_items, 40)
-    negatives = convert.sample_test_negatives(keys, n_users, n_items, per_user, seed=7)
+    negatives = convert.sample_test_negatives(*np.divmod(keys, n_items), n_users, n_items, per_user, seed=7)
     allowed = np.ones((n_users, n_items), dtype=bool)
     allowed[keys // n_items, keys % n_items] = False
     expected = (per_user * allowed / allowed.sum(axis=1, keepdims=True)).sum(axis=0)
@@ -361,7 +362,7 @@ def test_negatives_are_uniform_over_the_allowed_items():
     assert ((observed - expected) ** 2 / expected).sum() < chi_square_bound(n_items - 1)
     # one user, many draws: uniform over exactly its 20 free items
     train = np.sort(rng.choice(n_items, 30, replace=False))
-    one = convert.sample_test_negatives(train.astype(np.int64), 1, n_items, 40_000, seed=3)[0]
+    one = convert.sample_test_negatives(np.zeros_like(train), train, 1, n_items, 40_000, seed=3)[0]
     counts = np.bincount(one, minlength=n_items)
     assert not counts[train].any()
     free = np.setdiff1d(np.arange(n_items), train)
@@ -383,9 +384,10 @@ def test_a_user_with_all_items_but_one_gets_only_that_one():
 def test_seed_decides_the_negatives():
     rng = np.random.default_rng(3)
     keys = random_train_pairs(rng, 50, 100, 60)
-    first = convert.sample_test_negatives(keys, 50, 100, 100, seed=1)
-    assert np.array_equal(first, convert.sample_test_negatives(keys, 50, 100, 100, seed=1))
-    assert (first != convert.sample_test_negatives(keys, 50, 100, 100, seed=2)).mean() > 0.9
+    first = convert.sample_test_negatives(*np.divmod(keys, 100), 50, 100, 100, seed=1)
+    assert np.array_equal(first, convert.sample_test_negatives(*np.divmod(keys, 100), 50, 100, 100, seed=1))
+    other = convert.sample_test_negatives(*np.divmod(keys, 100), 50, 100, 100, seed=2)
+    assert (first != other).any(axis=1).all()  # every user's draws change
 
 
 # --- the cache on disk ------------------------------------------------------------------------
