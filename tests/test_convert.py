@@ -524,7 +524,7 @@ def test_a_crash_while_writing_leaves_the_old_cache_untouched(tmp_path, monkeypa
             raise crash(28, "No space left on device")
         real_save(obj, path)
 
-    monkeypatch.setattr(convert.torch, "save", save_then_crash)
+    monkeypatch.setattr(torch, "save", save_then_crash)
     with pytest.raises(CliError if crash is OSError else crash):
         convert.write_cache(out, cache, {**meta, "seed": 2})
     assert len(saved) == 2
