@@ -93,7 +93,10 @@ class TrainBatches:
         # sample j < n_pos is positive j; sample j >= n_pos is a negative for positive j % n_pos
         users = self.users[mine % n_pos]
         is_positive = mine < n_pos
-        items = torch.where(is_positive, self.items[mine % n_pos], negative_items[(mine - n_pos).clamp_(min=0)])
+        if self.negatives:
+            items = torch.where(is_positive, self.items[mine % n_pos], negative_items[(mine - n_pos).clamp_(min=0)])
+        else:  # -n 0: no negatives to index (indexing the empty tensor would fail)
+            items = self.items[mine]
         labels = is_positive.float()
         return list(
             zip(

@@ -156,7 +156,7 @@ def epoch_seed(seed, epoch):
     return seed * 1_000_003 + epoch
 
 
-def save_training_state(path, model, optimizer, scaler, epoch, seed, best, data):
+def save_training_state(path, model, optimizer, scaler, epoch, seed, best, data, run_time):
     atomic_save(
         {
             "model": model.state_dict(),
@@ -165,6 +165,7 @@ def save_training_state(path, model, optimizer, scaler, epoch, seed, best, data)
             "epochs_done": epoch + 1,
             "seed": seed,
             "best": best,
+            "run_time": run_time,  # training + evaluation seconds so far: the clock of time_to_*
             "data_sha256": data.meta["source_sha256"],
         },
         path,
@@ -181,7 +182,7 @@ def load_training_state(path, model, optimizer, scaler, data):
         scaler.load_state_dict(state["scaler"])
     except (KeyError, ValueError) as error:
         raise CliError(f"{path} does not hold a usable training state ({error})") from None
-    return state["epochs_done"], state["seed"], state["best"]
+    return state["epochs_done"], state["seed"], state["best"], state.get("run_time", state["best"]["time"])
 
 
 def main():
@@ -227,9 +228,11 @@ def main():
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     checkpoint_dir = Path(args.checkpoint_dir)
-    first_epoch, best = 0, {"hr": -1.0, "epoch": -1, "time": 0.0}
+    first_epoch, best, run_time = 0, {"hr": -1.0, "epoch": -1, "time": 0.0}, 0.0
     if args.resume:
-        first_epoch, seed, best = load_training_state(checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, data)
+        first_epoch, seed, best, run_time = load_training_state(
+            checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, data
+        )
         log(f"resuming after epoch {first_epoch - 1} (best HR@{args.topk} {best['hr']:.4f})")
     elif args.load_checkpoint_path:
         load_model_weights(model, args.load_checkpoint_path)
@@ -242,7 +245,7 @@ def main():
         f"{world_size} process(es) on {device}; seed {seed}"
     )
 
-    throughputs, eval_throughputs, target_time, run_time = [], [], None, best["time"]
+    throughputs, eval_throughputs, target_time = [], [], None
     for epoch in range(first_epoch, args.epochs):
         torch.manual_seed(epoch_seed(seed, epoch) * world_size + rank)  # dropout: per rank, per epoch
         progress = tqdm.tqdm(total=len(train_batches), disable=not (is_main and sys.stdout.isatty()), leave=False)
@@ -286,7 +289,9 @@ def main():
             if is_main:
                 atomic_save(model.state_dict(), checkpoint_dir / BEST_CHECKPOINT)
         if is_main:
-            save_training_state(checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, epoch, seed, best, data)
+            save_training_state(
+                checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, epoch, seed, best, data, run_time
+            )
         if hr >= args.threshold:
             target_time = run_time
             log(f"HR@{args.topk} {hr:.4f} reached the threshold {args.threshold}; stopping")
@@ -305,8 +310,6 @@ def main():
     logger.log((), summary)
     logger.close()
     log(f"best HR@{args.topk} {best['hr']:.4f} at epoch {best['epoch']}; model in {checkpoint_dir / BEST_CHECKPOINT}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -31,9 +31,9 @@ def run_main(main):
         # on every path (test mode returns early; errors): a process group left to the interpreter's
         # exit aborts the process ("terminate called without an active exception", SIGABRT) about half
         # the time under torchrun
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed = sys.modules.get("torch.distributed")  # None where torch is not (fully) loaded
+        if getattr(distributed, "is_initialized", lambda: False)():
+            distributed.destroy_process_group()
 
 
 def atomic_save(obj, path):

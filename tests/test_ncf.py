@@ -1,0 +1,512 @@
+"""ncf.py end to end, as users run it: one process, DDP on CPU (gloo) under every launcher, test mode,
+resume, AMP, gradient accumulation, logs, checkpoints, and every bad input of the contract.
+
+Training subprocesses run with OMP_NUM_THREADS=1 (as the DDP launchers set it): on a busy 2-core
+machine two OpenMP threads per process spin against each other and a tiny epoch takes 30x longer.
+"""
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from neumf import NeuMF
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = ["-b", "1024", "-f", "8", "--layers", "16", "8", "--seed", "1"]
+PER_EPOCH_KEYS = {
+    "train_throughput",
+    "hr@10",
+    "ndcg@10",
+    "train_epoch_time",
+    "validation_epoch_time",
+    "eval_throughput",
+    "train_loss",
+    "validation_loss",
+}
+FINAL_KEYS = {
+    "best_train_throughput",
+    "mean_train_throughput",
+    "best_eval_throughput",
+    "mean_eval_throughput",
+    "best_accuracy",
+    "best_epoch",
+    "time_to_best_model",
+}
+REFERENCE_FLAGS = {
+    "data",
+    "epochs",
+    "batch_size",
+    "valid_batch_size",
+    "factors",
+    "layers",
+    "negative_samples",
+    "learning_rate",
+    "topk",
+    "seed",
+    "threshold",
+    "beta1",
+    "beta2",
+    "eps",
+    "dropout",
+    "checkpoint_dir",
+    "load_checkpoint_path",
+    "mode",
+    "grads_accumulated",
+    "amp",
+    "log_path",
+    "local_rank",
+}
+DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    log: list  # the DLLL records of --log_path
+
+    @property
+    def parameters(self):
+        return next(r["data"] for r in self.log if r["step"] == "PARAMETER")
+
+    @property
+    def epochs(self):
+        """Per-epoch data, in the order logged."""
+        records = [r for r in self.log if isinstance(r["step"], list) and len(r["step"]) == 1]
+        return [r["data"] for r in records]
+
+    @property
+    def final(self):
+        finals = [r["data"] for r in self.log if r["step"] == [] and "best_accuracy" in r["data"]]
+        assert len(finals) == 1
+        return finals[0]
+
+    def expect_success(self):
+        assert self.returncode == 0, f"exit {self.returncode}\n{self.stdout[-3000:]}\n{self.stderr[-5000:]}"
+        assert "Traceback" not in self.stderr
+        return self
+
+
+def read_log(path):
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    assert all(line.startswith("DLLL ") for line in lines), lines
+    return [json.loads(line.removeprefix("DLLL ")) for line in lines]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun():
+    script = Path(sys.executable).parent / "torchrun"
+    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    return [*launcher, "--nproc_per_node=2", f"--master_port={free_port()}"]
+
+
+def old_launch(use_env):
+    command = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    return command + ["--use_env"] * use_env
+
+
+def run_ncf(*args, log_path, launcher=None, one_thread=True, timeout=300):
+    """Run ncf.py from the repository root; returns its exit status, output and parsed log."""
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    if one_thread:
+        env["OMP_NUM_THREADS"] = "1"
+    command = [*(launcher or [sys.executable]), "ncf.py", *map(str, args), "--log_path", str(log_path)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return Run(proc.returncode, proc.stdout, proc.stderr, read_log(log_path))
+
+
+def state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_cache, tmp_path_factory):
+    """The run most tests compare with: 3 epochs, seed 1."""
+    directory = tmp_path_factory.mktemp("trained")
+    run = run_ncf("--data", tiny_cache, *SMALL, "-e", 3, "--checkpoint_dir", directory, log_path=directory / "log.json")
+    run.expect_success()
+    run.dir = directory
+    return run
+
+
+@pytest.fixture(scope="session")
+def torchrun_trained(tiny_cache, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("torchrun")
+    run = run_ncf(
+        "--data", tiny_cache, *SMALL, "-e", 2, "--checkpoint_dir", directory,
+        log_path=directory / "log.json", launcher=torchrun(),
+    )  # fmt: skip
+    run.expect_success()
+    run.dir = directory
+    return run
+
+
+# --- one process ------------------------------------------------------------------------------------
+
+
+def test_training_writes_checkpoints_and_every_log_key(trained):
+    assert REFERENCE_FLAGS | {"resume"} <= trained.parameters.keys()
+    assert trained.parameters["seed"] == 1 and trained.parameters["world_size"] == 1
+    assert [r["step"] for r in trained.log if isinstance(r["step"], list) and r["step"]] == [[0], [1], [2]]
+    epochs = trained.epochs
+    assert len(epochs) == 3
+    for data in epochs:
+        assert PER_EPOCH_KEYS <= data.keys()
+        assert all(math.isfinite(data[key]) for key in PER_EPOCH_KEYS)
+        assert 0 < data["ndcg@10"] <= data["hr@10"] <= 1  # each hit adds at most 1 to NDCG
+        assert round(data["hr@10"] * 60) == pytest.approx(data["hr@10"] * 60, abs=1e-9)  # hits / 60 users
+        assert 0 < data["train_loss"] < math.log(2) + 0.05 and data["validation_loss"] > 0
+        assert min(data["train_throughput"], data["eval_throughput"], data["train_epoch_time"]) > 0
+    assert epochs[2]["train_loss"] < epochs[0]["train_loss"]  # it learns
+
+    final = trained.final
+    assert FINAL_KEYS <= final.keys()
+    assert "time_to_target" not in final  # the default threshold 1.0 is never reached here
+    hrs = [data["hr@10"] for data in epochs]
+    assert final["best_accuracy"] == max(hrs)
+    assert final["best_epoch"] == hrs.index(max(hrs))
+    throughputs = [data["train_throughput"] for data in epochs]
+    assert final["best_train_throughput"] == max(throughputs)
+    assert final["mean_train_throughput"] == pytest.approx(sum(throughputs) / 3)
+    assert final["best_eval_throughput"] == max(data["eval_throughput"] for data in epochs)
+    until_best = epochs[: final["best_epoch"] + 1]
+    elapsed = sum(data["train_epoch_time"] + data["validation_epoch_time"] for data in until_best)
+    assert final["time_to_best_model"] == pytest.approx(elapsed)
+
+    lines = [line for line in trained.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 0", "epoch 1", "epoch 2"]
+    assert f"HR@10 {hrs[0]:.4f}" in lines[0]
+
+
+def test_checkpoints_hold_the_best_model_and_the_training_state(trained):
+    best = state(trained.dir / "model.pth")
+    assert list(best) == list(NeuMF(60, 200, 8, (16, 8)).state_dict())  # reference names, no module. prefix
+    last = state(trained.dir / "last.pth")
+    assert last["epochs_done"] == 3 and last["seed"] == 1
+    assert {"model", "optimizer", "scaler"} <= last.keys()
+    same = all(torch.equal(best[name], last["model"][name]) for name in best)
+    assert same == (trained.final["best_epoch"] == 2)  # model.pth is the best epoch's, not the last one
+    assert not any(path.name.endswith(".tmp") for path in trained.dir.iterdir())  # atomic writes leave none
+
+
+def test_test_mode_reproduces_the_best_hr_in_one_process(trained, tmp_path):
+    best_epoch = trained.epochs[trained.final["best_epoch"]]
+    run = run_ncf(
+        "--data", trained.parameters["data"], *SMALL, "--mode", "test",
+        "--load_checkpoint_path", trained.dir / "model.pth",
+        log_path=tmp_path / "log.json", one_thread=False,  # the user's default threads, not the training run's
+    ).expect_success()  # fmt: skip
+    result = run.log[-1]["data"]
+    assert result["hr@10"] == trained.final["best_accuracy"]
+    assert result["ndcg@10"] == best_epoch["ndcg@10"]
+    assert f"HR@10 = {result['hr@10']:.4f}" in run.stdout
+    assert not (tmp_path / "model.pth").exists()
+
+
+def test_test_mode_reproduces_the_best_hr_in_two_processes(trained, tmp_path):
+    best_epoch = trained.epochs[trained.final["best_epoch"]]
+    run = run_ncf(
+        "--data", trained.parameters["data"], *SMALL, "--mode", "test",
+        "--load_checkpoint_path", trained.dir / "model.pth",
+        log_path=tmp_path / "log.json", launcher=torchrun(),
+    ).expect_success()  # fmt: skip
+    assert run.parameters["world_size"] == 2
+    result = run.log[-1]["data"]
+    assert result["hr@10"] == trained.final["best_accuracy"]
+    assert result["ndcg@10"] == pytest.approx(best_epoch["ndcg@10"], rel=1e-12)  # summed in another order
+    assert run.stdout.count("HR@10 = ") == 1  # rank 0 only
+
+
+@pytest.fixture(scope="session")
+def two_epochs(trained, tmp_path_factory):
+    """A second run of `trained`'s settings, 2 epochs: a repeat, and an interrupted run to resume."""
+    directory = tmp_path_factory.mktemp("two_epochs")
+    run = run_ncf(
+        "--data", trained.parameters["data"], *SMALL, "-e", 2, "--checkpoint_dir", directory,
+        log_path=directory / "log.json",
+    ).expect_success()  # fmt: skip
+    run.dir = directory
+    return run
+
+
+def test_seed_makes_cpu_runs_repeatable(trained, two_epochs):
+    for again, first in zip(two_epochs.epochs, trained.epochs[:2], strict=True):
+        for key in ("hr@10", "ndcg@10", "train_loss", "validation_loss"):
+            assert again[key] == first[key], key
+
+
+def test_resume_keeps_the_run_clock(two_epochs, tmp_path):
+    for name in ("model.pth", "last.pth"):
+        shutil.copy(two_epochs.dir / name, tmp_path / name)
+    resumed = run_ncf(
+        "--data", two_epochs.parameters["data"], *SMALL, "-e", 3, "-t", 0.0, "--resume", "--checkpoint_dir", tmp_path,
+        log_path=tmp_path / "log.json",
+    ).expect_success()  # fmt: skip
+    assert len(resumed.epochs) == 1
+    epochs = two_epochs.epochs + resumed.epochs
+    # time_to_target counts the epochs before the interruption too, not only those up to the best one
+    elapsed = sum(data["train_epoch_time"] + data["validation_epoch_time"] for data in epochs)
+    assert resumed.final["time_to_target"] == pytest.approx(elapsed)
+    until_best = epochs[: resumed.final["best_epoch"] + 1]
+    best_time = sum(data["train_epoch_time"] + data["validation_epoch_time"] for data in until_best)
+    assert resumed.final["time_to_best_model"] == pytest.approx(best_time)
+
+
+def test_resume_continues_like_an_uninterrupted_run(trained, tmp_path):
+    data = trained.parameters["data"]
+    interrupted = run_ncf("--data", data, *SMALL, "-e", 1, "--checkpoint_dir", tmp_path, log_path=tmp_path / "a.json")
+    interrupted.expect_success()
+    assert state(tmp_path / "last.pth")["epochs_done"] == 1
+    resumed = run_ncf(
+        "--data", data, *SMALL, "-e", 3, "--resume", "--checkpoint_dir", tmp_path, log_path=tmp_path / "b.json"
+    ).expect_success()
+    assert "resuming after epoch 0" in resumed.stdout
+    assert [r["step"] for r in resumed.log if isinstance(r["step"], list) and r["step"]] == [[1], [2]]
+    for continued, uninterrupted in zip(interrupted.epochs + resumed.epochs, trained.epochs, strict=True):
+        for key in ("hr@10", "ndcg@10", "train_loss", "validation_loss"):
+            assert continued[key] == uninterrupted[key], key
+    assert resumed.final["best_accuracy"] == trained.final["best_accuracy"]
+    assert resumed.final["best_epoch"] == trained.final["best_epoch"]
+    assert_same_tensors(state(tmp_path / "model.pth"), state(trained.dir / "model.pth"))
+    assert_same_tensors(state(tmp_path / "last.pth")["model"], state(trained.dir / "last.pth")["model"])
+
+
+def test_threshold_stops_early_and_logs_time_to_target(trained, tmp_path):
+    run = run_ncf(
+        "--data", trained.parameters["data"], *SMALL, "--seed", 2, "-e", 3, "-t", 0.0,
+        "--checkpoint_dir", tmp_path, log_path=tmp_path / "log.json",
+    ).expect_success()  # fmt: skip
+    assert len(run.epochs) == 1
+    final = run.final
+    assert final["best_epoch"] == 0
+    assert final["time_to_target"] == final["time_to_best_model"] > 0
+    assert "reached the threshold" in run.stdout
+    assert run.epochs[0]["train_loss"] != trained.epochs[0]["train_loss"]  # another seed, another run
+
+
+def test_amp_trains_in_bf16_on_cpu(trained, tmp_path):
+    run = run_ncf(
+        "--data", trained.parameters["data"], *SMALL, "-e", 1, "--amp", "--checkpoint_dir", tmp_path,
+        log_path=tmp_path / "log.json",
+    ).expect_success()  # fmt: skip
+    assert run.parameters["amp"] is True
+    loss, fp32_loss = run.epochs[0]["train_loss"], trained.epochs[0]["train_loss"]
+    assert math.isfinite(loss) and math.isfinite(run.epochs[0]["validation_loss"])
+    assert loss != fp32_loss  # bf16 matmuls: not the fp32 numbers
+    assert loss == pytest.approx(fp32_loss, abs=0.05)  # but the same training
+    assert (tmp_path / "model.pth").exists()
+
+
+def test_grads_accumulated_sums_micro_batches_into_one_step(trained, tmp_path):
+    common = ["--data", trained.parameters["data"], *SMALL, "-e", 1, "--dropout", 0, "--checkpoint_dir", tmp_path]
+    whole = run_ncf(*common, log_path=tmp_path / "whole.json").expect_success()
+    halves = run_ncf(*common, "-b", 512, "--grads_accumulated", 2, log_path=tmp_path / "halves.json").expect_success()
+    assert halves.parameters["grads_accumulated"] == 2
+    # two half batches per step make the same steps as whole batches (without accumulation -b 512 takes
+    # twice the steps and ends near 0.59 instead of 0.63)
+    assert halves.epochs[0]["train_loss"] == pytest.approx(whole.epochs[0]["train_loss"], rel=2e-3)
+    assert halves.epochs[0]["validation_loss"] == pytest.approx(whole.epochs[0]["validation_loss"], rel=3e-2)
+
+
+# --- DDP on CPU -------------------------------------------------------------------------------------
+
+
+def assert_rank_zero_logged_once(run, epochs):
+    assert run.parameters["world_size"] == 2 and run.parameters["device"] == "cpu"
+    assert sum(r["step"] == "PARAMETER" for r in run.log) == 1
+    assert len(run.epochs) == epochs
+    assert run.stdout.count("epoch 0:") == 1
+
+
+def test_torchrun_two_processes(torchrun_trained, tmp_path):
+    assert_rank_zero_logged_once(torchrun_trained, epochs=2)
+    for data in torchrun_trained.epochs:
+        assert PER_EPOCH_KEYS <= data.keys() and math.isfinite(data["train_loss"])
+    assert FINAL_KEYS <= torchrun_trained.final.keys()
+    assert torchrun_trained.epochs[1]["train_loss"] < torchrun_trained.epochs[0]["train_loss"]
+    # its best model, evaluated by one process, scores exactly the HR the two processes logged
+    run = run_ncf(
+        "--data", torchrun_trained.parameters["data"], *SMALL, "--mode", "test",
+        "--load_checkpoint_path", torchrun_trained.dir / "model.pth", log_path=tmp_path / "log.json",
+    ).expect_success()  # fmt: skip
+    assert run.log[-1]["data"]["hr@10"] == torchrun_trained.final["best_accuracy"]
+
+
+@pytest.mark.parametrize("use_env", [True, False], ids=["use_env", "local_rank_flag"])
+def test_torch_distributed_launch_two_processes(torchrun_trained, tmp_path, use_env):
+    run = run_ncf(
+        "--data", torchrun_trained.parameters["data"], *SMALL, "-e", 1, "--checkpoint_dir", tmp_path,
+        log_path=tmp_path / "log.json", launcher=old_launch(use_env),
+    ).expect_success()  # fmt: skip
+    assert_rank_zero_logged_once(run, epochs=1)
+    # without --use_env the launcher passes --local-rank=0 to rank 0 (which is the rank that logs)
+    assert run.parameters["local_rank"] == (None if use_env else 0)
+    # the same seed on the same world size: the very same first epoch as under torchrun
+    for key in ("hr@10", "ndcg@10", "train_loss", "validation_loss"):
+        assert run.epochs[0][key] == torchrun_trained.epochs[0][key], key
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+
+def assert_clean_error(run, *fragments):
+    assert run.returncode == 2, (run.returncode, run.stderr[-3000:])
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("ncf.py: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in run.stdout + run.stderr
+
+
+def copy_cache(source, directory, **metadata_changes):
+    copy = directory / "cache"
+    shutil.copytree(source, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    (copy / "metadata.json").write_text(json.dumps(meta | metadata_changes))
+    return copy
+
+
+def missing_cache(cache, trained, tmp):
+    return ["--data", tmp / "nowhere"], ["is not a data cache", "convert.py"]
+
+
+def corrupt_cache(cache, trained, tmp):
+    copy = copy_cache(cache, tmp)
+    (copy / "train_ratings.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    return ["--data", copy], ["train_ratings.pt is corrupt"]
+
+
+def old_version_cache(cache, trained, tmp):
+    return ["--data", copy_cache(cache, tmp, format_version=0)], ["cache format 0, expected 1"]
+
+
+def corrupt_checkpoint(cache, trained, tmp):
+    (tmp / "model.pth").write_bytes((trained.dir / "model.pth").read_bytes()[:300])
+    return ["--data", cache, "--mode", "test", "--load_checkpoint_path", tmp / "model.pth"], ["is corrupt"]
+
+
+def other_dataset_checkpoint(cache, trained, tmp):
+    model = NeuMF(70, 200, 8, (16, 8))  # another dataset's users; saved from DDP, as the reference does
+    torch.save({f"module.{name}": tensor for name, tensor in model.state_dict().items()}, tmp / "model.pth")
+    args = ["--data", cache, "--mode", "test", "--load_checkpoint_path", tmp / "model.pth"]
+    return args, ["mf_user_embed.weight is [70, 8] there but [60, 8] here"]
+
+
+def other_shape_checkpoint(cache, trained, tmp):
+    args = ["--data", cache, "-f", 16, "--mode", "test", "--load_checkpoint_path", trained.dir / "model.pth"]
+    return args, ["mf_user_embed.weight is [60, 8] there but [60, 16] here"]
+
+
+def other_shape_checkpoint_to_start_from(cache, trained, tmp):
+    args = ["--data", cache, "--layers", 32, 8, "--load_checkpoint_path", trained.dir / "model.pth"]
+    return args, ["mlp_user_embed.weight is [60, 8] there but [60, 16] here"]
+
+
+def odd_first_layer(cache, trained, tmp):
+    return ["--data", cache, "--layers", 15, 8], ["--layers", "even", "[15, 8]"]
+
+
+def mode_test_without_checkpoint(cache, trained, tmp):
+    return ["--data", cache, "--mode", "test"], ["--mode test needs --load_checkpoint_path"]
+
+
+def resume_without_training_state(cache, trained, tmp):
+    return ["--data", cache, "--resume", "--checkpoint_dir", tmp], [f"{tmp / 'last.pth'} does not exist"]
+
+
+def resume_on_another_dataset(cache, trained, tmp):
+    shutil.copy(trained.dir / "last.pth", tmp / "last.pth")
+    other = copy_cache(cache, tmp, source_sha256="0" * 64)  # same shapes, other source file
+    return ["--data", other, "-e", 5, "--resume", "--checkpoint_dir", tmp], ["another dataset"]
+
+
+BAD_INPUTS = [
+    missing_cache,
+    corrupt_cache,
+    old_version_cache,
+    corrupt_checkpoint,
+    other_dataset_checkpoint,
+    other_shape_checkpoint,
+    other_shape_checkpoint_to_start_from,
+    odd_first_layer,
+    mode_test_without_checkpoint,
+    resume_without_training_state,
+    resume_on_another_dataset,
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[case.__name__ for case in BAD_INPUTS])
+def test_bad_input_is_one_clean_line(case, tiny_cache, trained, tmp_path):
+    args, fragments = case(tiny_cache, trained, tmp_path)
+    before = {path: path.read_bytes() for path in tmp_path.glob("*.pth")}
+    run = run_ncf(*SMALL, "--checkpoint_dir", tmp_path, *args, log_path=tmp_path / "log.json")
+    assert_clean_error(run, *fragments)
+    assert {path: path.read_bytes() for path in tmp_path.glob("*.pth")} == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path):
+    for name in ("model.pth", "last.pth"):
+        shutil.copy(trained.dir / name, tmp_path / name)
+    before = {name: (tmp_path / name).read_bytes() for name in ("model.pth", "last.pth")}
+    run = run_ncf(
+        "--data", trained.parameters["data"], *SMALL, "-e", 2, "-l", 1e30, "--checkpoint_dir", tmp_path,
+        log_path=tmp_path / "log.json",
+    )  # fmt: skip
+    assert_clean_error(run, "diverged in epoch 0", "(loss nan)", "kept")
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last.pth", "log.json", "model.pth"]
+
+
+def test_ddp_batch_smaller_than_world_size(tiny_cache, tmp_path):
+    run = run_ncf(
+        "--data", tiny_cache, *SMALL, "-b", 1, "--checkpoint_dir", tmp_path, log_path=tmp_path / "log.json",
+        launcher=torchrun(),
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "ncf.py: error: the batch size (1) must be at least the number of processes (2)" in run.stderr
+    assert not (tmp_path / "model.pth").exists()
+
+
+# --- real data --------------------------------------------------------------------------------------
+
+
+def test_real_ml100k_smoke(shared_data, tmp_path):
+    cache = tmp_path / "ml-100k"
+    subprocess.run(
+        [sys.executable, "convert.py", "--path", shared_data / "ml-100k" / "u.data", "--output", cache],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    run = run_ncf(
+        "--data", cache, "-e", 1, "-b", 16384, "-f", 8, "--layers", 32, 16, 8, "--seed", 1,
+        "--checkpoint_dir", tmp_path, log_path=tmp_path / "log.json",
+    ).expect_success()  # fmt: skip
+    # measured over 18 seeds: HR@10 0.40-0.42, NDCG@10 0.21-0.23 (popularity ~0.39); random scores give
+    # HR ~0.10 +- 0.01 over 943 users, so 0.30 separates a working model from a broken one by far
+    assert run.epochs[0]["hr@10"] > 0.30
+    assert run.epochs[0]["ndcg@10"] > 0.15
