@@ -368,6 +368,7 @@ def read_metadata(cache_dir):
 def write_cache(output, cache, meta):
     """Write into a temporary sibling directory, then swap it in: never a half-written cache."""
     import torch  # loaded in the background by main(); this waits for it
+
     output = Path(output)
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / METADATA_FILE).exists())):
         raise CliError(f"{output} exists and is not a data cache; choose another --output")
