@@ -304,24 +304,31 @@ def split_leave_one_out(users, items, times, n_users, n_items):
     return (train >> item_bits, train & item_mask), (test >> item_bits, test & item_mask)
 
 
+def nth_free_items(pos_users, pos_items, n_users, n_items, ranks):
+    """For every user u and rank r in ranks[u], the r-th item (0-based) that is not one of u's positives.
+
+    The positive pairs must be sorted by user then item. With a user's positives sorted as
+    p_0 < p_1 < ..., its r-th free item is r + #{j : p_j - j <= r}, found for every rank at once
+    by one searchsorted on the keys user * n_items + (p_j - j), which are non-decreasing.
+    """
+    starts = np.r_[0, np.cumsum(np.bincount(pos_users, minlength=n_users))[:-1]]
+    rank_in_user = np.arange(len(pos_items)) - starts[pos_users]
+    shifted = pos_users * n_items + (pos_items - rank_in_user)
+    queries = np.arange(n_users)[:, None] * n_items + ranks
+    return ranks + np.searchsorted(shifted, queries, side="right") - starts[:, None]
+
+
 def sample_test_negatives(train_users, train_items, n_users, n_items, per_user, seed):
     """Draw per_user items per user, uniformly with replacement among items not in its training set.
 
-    The training pairs must be sorted by user then item. No rejection loop: with a user's
-    positives sorted as p_0 < p_1 < ..., the r-th item that is not a positive is
-    r + #{j : p_j - j <= r}, found for every draw at once by one searchsorted on the keys
-    user * n_items + (p_j - j), which are non-decreasing. Each user's draws come sorted.
+    No rejection loop: draw ranks among each user's free items, then map them to items. The
+    training pairs must be sorted by user then item. Each user's negatives come sorted.
     """
-    counts = np.bincount(train_users, minlength=n_users)
-    starts = np.r_[0, np.cumsum(counts)[:-1]]
-    rank_in_user = np.arange(len(train_items)) - starts[train_users]
-    shifted = train_users * n_items + (train_items - rank_in_user)
+    n_free = n_items - np.bincount(train_users, minlength=n_users)  # >= 1: the test item is free
     rng = np.random.default_rng(seed)
-    n_free = n_items - counts  # >= 1: a user's test item is never one of its training positives
-    # sorted draws make the queries increasing, which searchsorted answers about twice as fast
-    draws = np.sort(rng.integers(0, n_free[:, None], size=(n_users, per_user)), axis=1)
-    queries = np.arange(n_users)[:, None] * n_items + draws
-    return draws + np.searchsorted(shifted, queries, side="right") - starts[:, None]
+    # sorted ranks make the searchsorted queries increasing, which it answers about twice as fast
+    ranks = np.sort(rng.integers(0, n_free[:, None], size=(n_users, per_user)), axis=1)
+    return nth_free_items(train_users, train_items, n_users, n_items, ranks)
 
 
 def build(users_raw, items_raw, times_raw, min_ratings, valid_negative, seed):

@@ -7,9 +7,10 @@ once, and hands each rank an equal, disjoint share of it as a list of batch view
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from convert import NEGATIVES_FILE, TEST_FILE, TRAIN_FILE, read_metadata
+from convert import NEGATIVES_FILE, TEST_FILE, TRAIN_FILE, nth_free_items, read_metadata
 from utils import CliError
 
 
@@ -108,24 +109,30 @@ class TrainBatches:
         )
 
 
-class EvalCandidates:
-    """Evaluation candidates of this rank's users: each user's 100 negatives, then its positive.
+def rank_block(n_users, rank, world_size):
+    """This rank's users: whole, contiguous blocks, so per-user metrics summed over ranks are exact."""
+    per_rank = -(-n_users // world_size)
+    return slice(min(n_users, rank * per_rank), min(n_users, (rank + 1) * per_rank))
 
-    Users are split between ranks in whole, contiguous blocks, so per-user metrics summed over
-    ranks are exact. The mask marks the negatives that count: duplicates within a user's list
-    count once and a negative equal to the positive does not count (the reference protocol).
+
+class EvalCandidates:
+    """Evaluation candidates of this rank's users: each user's sampled negatives, then its positive.
+
+    The mask marks the negatives that count: duplicates within a user's list count once and a
+    negative equal to the positive does not count (the reference protocol; with exact negatives
+    every one counts).
     """
 
     def __init__(self, test, test_negatives, rank, world_size, device):
-        n_users = len(test)
-        per_rank = -(-n_users // world_size)
-        mine = slice(rank * per_rank, min(n_users, (rank + 1) * per_rank))
+        mine = rank_block(len(test), rank, world_size)
+        self.n_users_total = len(test)
         positives = test[mine, 1]
         negatives = test_negatives[mine]
         self.n_users = len(positives)
         self.users = test[mine, 0].to(device, torch.int32)
         self.items = torch.cat([negatives, positives[:, None]], dim=1).to(device, torch.int32)
         self.counted = counted_negatives(negatives, positives).to(device)
+        self.pairs = self.items.numel()  # scored per evaluation
 
 
 def counted_negatives(negatives, positives):
@@ -147,3 +154,71 @@ def rank_metrics(scores, counted, k):
     hit = rank < k
     ndcg = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0), 0.0)
     return hit.sum(), ndcg.sum()
+
+
+class FullRanking:
+    """The `full` protocol: each user's test item ranked against every item it did not train on.
+
+    Holds this rank's users and their training items (contiguous per user, as the cache sorts
+    them), so that a block of users' seen-item mask is built with one scatter.
+    """
+
+    def __init__(self, train, test, n_items, rank, world_size, device):
+        mine = rank_block(len(test), rank, world_size)
+        self.n_users, self.n_users_total, self.n_items = mine.stop - mine.start, len(test), n_items
+        self.pairs = self.n_users * n_items  # scored per evaluation
+        self.users = test[mine, 0].to(device)
+        self.positives = test[mine, 1].to(device)
+        self.items = torch.arange(n_items, device=device)
+        offsets = torch.searchsorted(train[:, 0].contiguous(), torch.arange(len(test) + 1))
+        self.offsets = offsets[mine.start : mine.stop + 1] - offsets[mine.start]
+        self.train = train[offsets[mine.start] : offsets[mine.stop]].to(device)
+        self.first_user = mine.start
+
+    def seen(self, start, stop):
+        """[stop - start, n_items] bool: which items users start..stop-1 (local indices) trained on."""
+        pairs = self.train[self.offsets[start] : self.offsets[stop]]
+        mask = torch.zeros(stop - start, self.n_items, dtype=torch.bool, device=self.train.device)
+        mask[pairs[:, 0] - self.first_user - start, pairs[:, 1]] = True
+        return mask
+
+
+def exact_test_negatives(data, per_user, seed):
+    """per_user distinct items per user, uniformly among the items it never interacted with.
+
+    Unlike the cached negatives, these never repeat and never include the user's test item (nor
+    any training item); the same cache and seed always give the same draw.
+    """
+    n_users, n_items = data.n_users, data.n_items
+    pairs = np.sort(torch.cat([data.train, data.test]).numpy() @ np.array([n_items, 1]))
+    users, items = np.divmod(pairs, n_items)
+    n_free = n_items - np.bincount(users, minlength=n_users)
+    if n_free.min() < per_user:
+        user = int(np.argmin(n_free))
+        raise CliError(
+            f"the exact protocol needs {per_user} items each user never interacted with; "
+            f"user {user} has only {n_free[user]}"
+        )
+    ranks = np.sort(distinct_draws(np.random.default_rng(seed), n_free, per_user), axis=1)
+    return torch.from_numpy(nth_free_items(users, items, n_users, n_items, ranks))
+
+
+def distinct_draws(rng, highs, k):
+    """k distinct integers per row i, uniform without replacement from [0, highs[i]).
+
+    Each round draws a few times k values per unfinished row and keeps the first k distinct ones
+    in draw order (a uniform k-subset, by symmetry); rows that drew fewer retry with twice as many.
+    """
+    result = np.empty((len(highs), k), dtype=np.int64)
+    todo, width = np.arange(len(highs)), 2 * k
+    while len(todo):
+        draws = rng.integers(0, highs[todo, None], size=(len(todo), width))
+        order = np.argsort(draws, axis=1, kind="stable")
+        ordered = np.take_along_axis(draws, order, axis=1)
+        repeat = np.zeros_like(draws, dtype=bool)
+        np.put_along_axis(repeat, order[:, 1:], ordered[:, 1:] == ordered[:, :-1], axis=1)
+        keep = ~repeat & (np.cumsum(~repeat, axis=1) <= k)
+        done = keep.sum(axis=1) == k
+        result[todo[done]] = draws[done][keep[done]].reshape(-1, k)
+        todo, width = todo[~done], 2 * width
+    return result

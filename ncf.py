@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import tqdm
 from torch.nn.parallel import DistributedDataParallel
 
-from dataloading import EvalCandidates, TrainBatches, load_cache, rank_metrics
+from dataloading import EvalCandidates, FullRanking, TrainBatches, exact_test_negatives, load_cache, rank_metrics
 from neumf import NeuMF
 from utils import (
     CliError,
@@ -61,6 +61,13 @@ def parse_args():
     parser.add_argument("--checkpoint_dir", default="checkpoints", help="where model.pth and last.pth are written")
     parser.add_argument("--load_checkpoint_path", default=None, help="model.pth to evaluate (test) or start from")
     parser.add_argument("--mode", choices=["train", "test"], default="train")
+    parser.add_argument(
+        "--eval_protocol",
+        choices=["reference", "exact", "full"],
+        default="reference",
+        help="reference: the cached 100 negatives, duplicates masked; exact: 100 distinct never-seen "
+        "negatives per user; full: rank against every item the user did not train on",
+    )
     parser.add_argument("--grads_accumulated", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--amp", action="store_true", help="mixed precision: fp16 on CUDA, bf16 on CPU")
     parser.add_argument("--log_path", default="log.json", help="DLLogger JSON-lines log")
@@ -93,26 +100,58 @@ def check_args(args):
 # --- evaluation -------------------------------------------------------------------------------
 
 
-def score(model, users, items, batch_size, autocast):
-    """Logits for every (user, item) pair, batch_size at a time, as float32."""
-    with torch.inference_mode(), autocast:
-        parts = [model(u, i) for u, i in zip(users.split(batch_size), items.split(batch_size), strict=True)]
-    return torch.cat(parts).float().flatten()
+def make_evaluator(args, data, rank, world_size, device):
+    """This rank's share of the evaluation, for the protocol that --eval_protocol names."""
+    if args.eval_protocol == "full":
+        return FullRanking(data.train, data.test, data.n_items, rank, world_size, device)
+    negatives = data.test_negatives
+    if args.eval_protocol == "exact":
+        negatives = exact_test_negatives(data, data.meta["valid_negative"], data.meta["seed"])
+    return EvalCandidates(data.test, negatives, rank, world_size, device)
 
 
-def evaluate(model, candidates, args, autocast, n_users_total):
-    """HR@K, NDCG@K and BCE loss over all users' candidates, summed exactly across ranks."""
+def scored_blocks(model, evaluator, batch_size):
+    """(logits [users, n + 1] with the positive last, counted [users, n]) for blocks of users."""
+    if isinstance(evaluator, FullRanking):
+        per_block = max(1, batch_size // evaluator.n_items)
+        for start in range(0, evaluator.n_users, per_block):
+            stop = min(start + per_block, evaluator.n_users)
+            positives = evaluator.positives[start:stop, None]
+            logits = model.score_grid(evaluator.users[start:stop], evaluator.items).float()
+            counted = ~evaluator.seen(start, stop)
+            counted.scatter_(1, positives, False)
+            yield torch.cat([logits, logits.gather(1, positives)], dim=1), counted
+        return
+    per_block = max(1, batch_size // evaluator.items.shape[1])
+    blocks = zip(
+        evaluator.users.split(per_block),
+        evaluator.items.split(per_block),
+        evaluator.counted.split(per_block),
+        strict=True,
+    )
+    for users, items, counted in blocks:
+        yield model.score_grid(users, items).float(), counted
+
+
+def evaluate(model, evaluator, args, autocast):
+    """HR@K, NDCG@K, BCE loss and the number of (user, item) pairs scored, summed exactly over ranks.
+
+    The loss is over the candidates that count (label 0) and the positives (label 1). The device
+    is not synchronised until the single all-reduce at the end.
+    """
     model.eval()
-    n_candidates = candidates.items.shape[1]
-    users = candidates.users.repeat_interleave(n_candidates)
-    logits = score(model, users, candidates.items.flatten(), args.valid_batch_size, autocast).view(-1, n_candidates)
-    labels = torch.zeros_like(logits)
-    labels[:, -1] = 1.0
-    loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
-    hits, ndcg = rank_metrics(logits, candidates.counted, args.topk)
-    totals = all_reduce_sum(torch.stack([hits.double(), ndcg.double(), loss.double()]))
-    hits, ndcg, loss = totals.tolist()
-    return hits / n_users_total, ndcg / n_users_total, loss / (n_users_total * n_candidates)
+    device = evaluator.users.device
+    hits, ndcg, loss, candidates = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(4))
+    with torch.inference_mode(), autocast:
+        for logits, counted in scored_blocks(model, evaluator, args.valid_batch_size):
+            block_hits, block_ndcg = rank_metrics(logits, counted, args.topk)
+            hits += block_hits
+            ndcg += block_ndcg
+            loss += (F.softplus(logits[:, :-1]) * counted).sum() + F.softplus(-logits[:, -1]).sum()
+            candidates += counted.sum() + len(logits)
+    pairs = torch.tensor(evaluator.pairs, dtype=torch.float64, device=device)
+    hits, ndcg, loss, candidates, pairs = all_reduce_sum(torch.stack([hits, ndcg, loss, candidates, pairs])).tolist()
+    return hits / evaluator.n_users_total, ndcg / evaluator.n_users_total, loss / candidates, pairs
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -185,46 +224,27 @@ def load_training_state(path, model, optimizer, scaler, data):
     return state["epochs_done"], state["seed"], state["best"], state.get("run_time", state["best"]["time"])
 
 
-def main():
-    args = parse_args()
-    rank, world_size, device = init_distributed(args.local_rank)
-    is_main = rank == 0
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if args.amp and device.type == "cuda":
-        autocast = torch.autocast("cuda", dtype=torch.float16)
-    elif args.amp:
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    else:
-        autocast = contextlib.nullcontext()
-    data = load_cache(args.data)
-    seed = broadcast_int(args.seed if args.seed is not None else random.randrange(2**31), device)
-    torch.manual_seed(seed)  # the same initial model on every rank
-    model = NeuMF(data.n_users, data.n_items, args.factors, args.layers, args.dropout).to(device)
-    candidates = EvalCandidates(data.test, data.test_negatives, rank, world_size, device)
-    logger = make_logger(args.log_path, is_main)
-    log = print if is_main else (lambda *_, **__: None)
-    logger.log("PARAMETER", {**vars(args), "seed": seed, "world_size": world_size, "device": str(device)})
+def make_autocast(args, device):
+    if not args.amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
-    if args.mode == "test":
-        load_model_weights(model, args.load_checkpoint_path)
-        start = time.time()
-        hr, ndcg, val_loss = evaluate(model, candidates, args, autocast, data.n_users)
-        elapsed = time.time() - start
-        log(f"{args.load_checkpoint_path}: HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {ndcg:.4f}")
-        logger.log(
-            (),
-            {
-                f"hr@{args.topk}": hr,
-                f"ndcg@{args.topk}": ndcg,
-                "validation_loss": val_loss,
-                "eval_throughput": data.n_users * candidates.items.shape[1] / elapsed,
-            },
-        )
-        logger.close()
-        return
 
+def test(model, evaluator, args, autocast, logger, log):
+    """--mode test: evaluate a checkpoint once."""
+    load_model_weights(model, args.load_checkpoint_path)
+    start = time.time()
+    hr, ndcg, val_loss, pairs = evaluate(model, evaluator, args, autocast)
+    elapsed = time.time() - start
+    log(
+        f"{args.load_checkpoint_path} ({args.eval_protocol} protocol): "
+        f"HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {ndcg:.4f}"
+    )
+    metrics = {f"hr@{args.topk}": hr, f"ndcg@{args.topk}": ndcg, "validation_loss": val_loss}
+    logger.log((), metrics | {"eval_throughput": pairs / elapsed})
+
+
+def train(model, evaluator, data, seed, args, autocast, device, rank, world_size, logger, log):
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     checkpoint_dir = Path(args.checkpoint_dir)
@@ -242,13 +262,13 @@ def main():
     )
     log(
         f"{data.n_users:,} users, {data.n_items:,} items, {len(data.train):,} positives; "
-        f"{world_size} process(es) on {device}; seed {seed}"
+        f"{world_size} process(es) on {device}; seed {seed}; {args.eval_protocol} evaluation protocol"
     )
 
     throughputs, eval_throughputs, target_time = [], [], None
     for epoch in range(first_epoch, args.epochs):
         torch.manual_seed(epoch_seed(seed, epoch) * world_size + rank)  # dropout: per rank, per epoch
-        progress = tqdm.tqdm(total=len(train_batches), disable=not (is_main and sys.stdout.isatty()), leave=False)
+        progress = tqdm.tqdm(total=len(train_batches), disable=not (rank == 0 and sys.stdout.isatty()), leave=False)
         start = time.time()
         batches = train_batches.epoch(epoch_seed(seed, epoch))
         loss_sum = train_epoch(ddp_model, optimizer, scaler, batches, args, autocast, progress)
@@ -261,11 +281,11 @@ def main():
                 f"{checkpoint_dir} is kept. Try a lower --learning_rate or --amp off"
             )
         start = time.time()
-        hr, ndcg, val_loss = evaluate(model, candidates, args, autocast, data.n_users)
+        hr, ndcg, val_loss, pairs = evaluate(model, evaluator, args, autocast)
         eval_time = time.time() - start
         run_time += train_time + eval_time
         throughputs.append(train_batches.samples_per_rank * world_size / train_time)
-        eval_throughputs.append(data.n_users * candidates.items.shape[1] / eval_time)
+        eval_throughputs.append(pairs / eval_time)
         log(
             f"epoch {epoch}: HR@{args.topk} {hr:.4f}  NDCG@{args.topk} {ndcg:.4f}  train loss {train_loss:.4f}  "
             f"valid loss {val_loss:.4f}  {throughputs[-1]:,.0f} samples/s  train {train_time:.1f}s  "
@@ -286,9 +306,9 @@ def main():
         )
         if hr > best["hr"]:
             best = {"hr": hr, "ndcg": ndcg, "epoch": epoch, "time": run_time}
-            if is_main:
+            if rank == 0:
                 atomic_save(model.state_dict(), checkpoint_dir / BEST_CHECKPOINT)
-        if is_main:
+        if rank == 0:
             save_training_state(
                 checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, epoch, seed, best, data, run_time
             )
@@ -308,8 +328,31 @@ def main():
     if target_time is not None:
         summary["time_to_target"] = target_time
     logger.log((), summary)
-    logger.close()
     log(f"best HR@{args.topk} {best['hr']:.4f} at epoch {best['epoch']}; model in {checkpoint_dir / BEST_CHECKPOINT}")
+
+
+def main():
+    args = parse_args()
+    rank, world_size, device = init_distributed(args.local_rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    data = load_cache(args.data)
+    seed = broadcast_int(args.seed if args.seed is not None else random.randrange(2**31), device)
+    torch.manual_seed(seed)  # the same initial model on every rank
+    model = NeuMF(data.n_users, data.n_items, args.factors, args.layers, args.dropout).to(device)
+    evaluator = make_evaluator(args, data, rank, world_size, device)
+    logger = make_logger(args.log_path, rank == 0)
+    log = print if rank == 0 else (lambda *_, **__: None)
+    logger.log("PARAMETER", {**vars(args), "seed": seed, "world_size": world_size, "device": str(device)})
+    autocast = make_autocast(args, device)
+    if args.mode == "test":
+        test(model, evaluator, args, autocast, logger, log)
+    else:
+        train(model, evaluator, data, seed, args, autocast, device, rank, world_size, logger, log)
+    logger.close()
+    if world_size > 1:  # leave together: a rank that tears gloo down while rank 0 still writes can abort
+        torch.distributed.barrier()
 
 
 if __name__ == "__main__":
