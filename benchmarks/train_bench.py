@@ -1,0 +1,179 @@
+"""Training and evaluation throughput of ncf.py's own pipeline against a bare model step, in one run.
+
+    python benchmarks/train_bench.py --data data/cache/synthetic-ml-20m --precision bf16
+    python benchmarks/train_bench.py --preset ml-1m --batch_size 65536      # makes a synthetic cache first
+    python benchmarks/train_bench.py --device cuda --preset ml-20m --batch_size 1048576 --precision fp16
+
+pipeline: whole epochs of the code ncf.py runs (dataloading.TrainBatches.epoch draws the negatives
+and shuffles the epoch on the device, ncf.train_epoch does forward, backward and fused Adam).
+bare step: as many steps of ncf.train_epoch on one pre-made batch, with no sampling, shuffling or
+slicing. pipeline / bare is what the data pipeline costs. Also evaluation throughput (ncf.evaluate,
+reference protocol), peak host RSS and peak device memory. Measured in one process, one after the
+other, so the ratio holds on a noisy machine.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import ncf  # noqa: E402
+from dataloading import EvalCandidates, TrainBatches, load_cache  # noqa: E402
+from neumf import NeuMF  # noqa: E402
+from utils import CliError, run_main  # noqa: E402
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", type=Path, help="cache directory (convert.py / prepare_dataset.sh)")
+    source.add_argument("--preset", default="ml-1m", help="synthetic.py preset to generate when --data is not given")
+    parser.add_argument("--workdir", type=Path, help="where a generated cache goes (default: a temporary dir)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast dtype (fp16: CUDA only)")
+    parser.add_argument("--batch_size", type=int, default=65536)
+    parser.add_argument("--valid_batch_size", type=int, default=2**20)
+    parser.add_argument("--epochs", type=int, default=1, help="timed pipeline epochs")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--dropout", type=float, default=0.5)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args()
+
+
+def training_settings(args):
+    """The ncf.py flags that train_epoch, make_optimizer and evaluate read, at their defaults."""
+    return argparse.Namespace(
+        learning_rate=0.0045, beta1=0.25, beta2=0.5, eps=1e-8, grads_accumulated=1,
+        topk=10, valid_batch_size=args.valid_batch_size,
+    )  # fmt: skip
+
+
+def synthetic_cache(preset, workdir):
+    cache = workdir / "cache" / f"synthetic-{preset}"
+    if not (cache / "metadata.json").exists():
+        ratings = workdir / f"synthetic-{preset}" / "ratings.csv"
+        for command in (
+            ["synthetic.py", "--preset", preset, "--output", ratings],
+            ["convert.py", "--format", "ml-20m", "--path", ratings, "--output", cache],
+        ):
+            subprocess.run([sys.executable, *map(str, command)], cwd=ROOT, check=True)
+    return cache
+
+
+def check_settings(args, data):
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise CliError(f"unknown device {args.device!r} (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda, but no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise CliError(f"unsupported device {args.device!r} (cpu, cuda, cuda:N)")
+    if args.precision == "fp16" and device.type != "cuda":
+        raise CliError("--precision fp16 needs CUDA; on a CPU use bf16")
+    if args.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise CliError(f"{torch.cuda.get_device_name(device)} does not support bf16; use fp16")
+    samples = len(data.train) * 5
+    if not 1 <= args.batch_size <= samples:
+        raise CliError(f"--batch_size must be between 1 and the epoch's {samples:,} samples")
+    if args.epochs < 1:
+        raise CliError("--epochs must be at least 1")
+    return device
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(args):
+    data = load_cache(args.data or synthetic_cache(args.preset, args.workdir or Path(tempfile.mkdtemp())))
+    device = check_settings(args, data)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = training_settings(args)
+    dtype = PRECISIONS[args.precision]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    torch.manual_seed(0)
+    model = NeuMF(data.n_users, data.n_items, 64, [256, 256, 128, 64], args.dropout).to(device)
+    optimizer = ncf.make_optimizer(model, settings, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    batches = TrainBatches(data.train, data.n_items, 4, args.batch_size, 0, 1, device)
+    no_progress = type("NoProgress", (), {"update": lambda self: None})()
+
+    warmup = batches.epoch(seed=0)[:3]
+    ncf.train_epoch(model, optimizer, scaler, warmup, settings, autocast, no_progress)
+    synchronize(device)
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        ncf.train_epoch(model, optimizer, scaler, batches.epoch(seed=epoch + 1), settings, autocast, no_progress)
+    synchronize(device)
+    pipeline_seconds = time.perf_counter() - start
+    steps = len(batches) * args.epochs
+    pipeline = batches.samples_per_epoch * args.epochs / pipeline_seconds
+
+    full_batch = warmup[0]
+    start = time.perf_counter()
+    ncf.train_epoch(model, optimizer, scaler, [full_batch] * steps, settings, autocast, no_progress)
+    synchronize(device)
+    bare = steps * len(full_batch[0]) / (time.perf_counter() - start)
+
+    evaluator = EvalCandidates(data.test, data.test_negatives, 0, 1, device)
+    ncf.evaluate(model, evaluator, settings, autocast)  # warm-up
+    start = time.perf_counter()
+    ncf.evaluate(model, evaluator, settings, autocast)
+    synchronize(device)
+    eval_seconds = time.perf_counter() - start
+
+    return {
+        "data": str(args.data or f"synthetic-{args.preset}"),
+        "users": data.n_users,
+        "items": data.n_items,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "epoch_seconds": pipeline_seconds / args.epochs,
+        "pipeline_samples_per_s": pipeline,
+        "bare_step_samples_per_s": bare,
+        "pipeline_over_bare": pipeline / bare,
+        "eval_seconds": eval_seconds,
+        "eval_users_per_s": data.n_users / eval_seconds,
+        "eval_samples_per_s": evaluator.pairs / eval_seconds,
+        "peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_device_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
+def main():
+    args = parse_args()
+    result = measure(args)
+    print(f"{result['data']}: {result['users']:,} users x {result['items']:,} items on {result['device']}")
+    print("| precision | batch | epoch [s] | pipeline [samples/s] | bare step [samples/s] | pipeline / bare "
+          "| eval [s] | eval [users/s] | eval [samples/s] | peak RSS [GB] | peak device [GB] |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    device_memory = result["peak_device_memory_gb"]
+    print(
+        f"| {result['precision']} | {result['batch_size']:,} | {result['epoch_seconds']:.2f} "
+        f"| {result['pipeline_samples_per_s']:,.0f} | {result['bare_step_samples_per_s']:,.0f} "
+        f"| {result['pipeline_over_bare']:.2f} | {result['eval_seconds']:.2f} | {result['eval_users_per_s']:,.0f} "
+        f"| {result['eval_samples_per_s']:,.0f} | {result['peak_host_rss_gb']:.2f} "
+        f"| {'-' if device_memory is None else f'{device_memory:.2f}'} |"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    run_main(main)
