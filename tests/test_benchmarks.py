@@ -1,0 +1,84 @@
+"""Smoke tests of the benchmark scripts on tiny sizes: they run and print every column.
+
+Performance itself is measured by running the benchmarks, never asserted here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_COLUMNS = [
+    "precision", "batch", "epoch [s]", "pipeline [samples/s]", "bare step [samples/s]", "pipeline / bare",
+    "eval [s]", "eval [users/s]", "eval [samples/s]", "peak RSS [GB]", "peak device [GB]",
+]  # fmt: skip
+
+
+def run(*args):
+    command = [sys.executable, *map(str, args)]
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    )
+
+
+def table(stdout):
+    """The header and rows of the first markdown table in the output."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    return header, rows
+
+
+def test_train_bench_prints_every_column(tiny_cache, tmp_path):
+    result = run("benchmarks/train_bench.py", "--data", tiny_cache, "--batch_size", 1024, "--json", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    header, rows = table(result.stdout)
+    assert header == TRAIN_COLUMNS
+    assert len(rows) == 1 and len(rows[0]) == len(TRAIN_COLUMNS)
+    figures = json.loads((tmp_path / "r.json").read_text())
+    for key in ("pipeline_samples_per_s", "bare_step_samples_per_s", "eval_samples_per_s", "peak_host_rss_gb"):
+        assert figures[key] > 0
+    assert figures["pipeline_over_bare"] == pytest.approx(
+        figures["pipeline_samples_per_s"] / figures["bare_step_samples_per_s"]
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch_size", 10**9], "--batch_size must be between 1 and"),
+        (["--device", "tpu"], "device"),
+        (["--precision", "fp16", "--device", "cpu"], "fp16 needs CUDA"),
+    ],
+)
+def test_train_bench_refuses_impossible_settings(tiny_cache, flags, message):
+    result = run("benchmarks/train_bench.py", "--data", tiny_cache, *flags)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("train_bench.py: error:") and message in result.stderr
+
+
+def test_convert_bench_prints_the_comparison(tmp_path):
+    result = run("benchmarks/convert_bench.py", "--preset", "ml-100k", "--workdir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    for row in ("pandas.read_csv", "convert.py end to end", "convert.py peak RSS", "convert / read_csv"):
+        assert row in result.stdout
+
+
+def test_accuracy_bench_reports_per_epoch(shared_data, tmp_path):
+    result = run(
+        "benchmarks/accuracy.py", "--datasets", "ml-100k", "--settings", "reference-b65536", "--epochs", 1,
+        "--workdir", tmp_path, "--json", tmp_path / "a.json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    header, rows = table(result.stdout)
+    assert header[:2] == ["dataset / setting", "best HR@10"] and len(rows) == 1
+    hr = float(rows[0][1])
+    assert 0.2 < hr < 1.0  # one epoch on ML-100k: about 0.4; random scores give about 0.1
+    assert json.loads((tmp_path / "a.json").read_text())["ml-100k reference-b65536"]["epochs"][0][
+        "hr@10"
+    ] == pytest.approx(hr, abs=5e-5)
