@@ -532,7 +532,7 @@ def test_a_crash_while_writing_leaves_the_old_cache_untouched(tmp_path, monkeypa
     assert convert.read_metadata(out)["seed"] == 1
     assert leftovers(tmp_path, "cache") == []
     # without the crash the new cache replaces the old one, and nothing else is left behind
-    monkeypatch.setattr(convert.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     convert.write_cache(out, cache, {**meta, "seed": 2})
     assert convert.read_metadata(out)["seed"] == 2
     assert leftovers(tmp_path, "cache") == []
