@@ -150,10 +150,24 @@ def rank_metrics(scores, counted, k):
     The positive's rank is the number of counted negatives scoring at least as high: a tie is
     not a win for the positive.
     """
-    rank = ((scores[:, :-1] >= scores[:, -1:]) & counted).sum(dim=1)
-    hit = rank < k
-    ndcg = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0), 0.0)
-    return hit.sum(), ndcg.sum()
+    return metrics_from_histogram(rank_histogram(scores, counted, k))
+
+
+def rank_histogram(scores, counted, k):
+    """[k + 1] int64: how many users' positives rank 0, 1, ..., k - 1, then how many rank k or worse.
+
+    Counts add up exactly over blocks of users and over processes, so HR and NDCG computed from
+    their sum are the same to the bit however the users were split (sums of NDCG terms are not).
+    """
+    rank = ((scores[:, :-1] >= scores[:, -1:]) & counted).sum(dim=1).clamp_(max=k)
+    return torch.zeros(k + 1, dtype=torch.int64, device=scores.device).index_add_(0, rank, torch.ones_like(rank))
+
+
+def metrics_from_histogram(histogram):
+    """(hits, NDCG sum) of a rank histogram of k + 1 bins, the last one the misses."""
+    k = len(histogram) - 1
+    gains = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64, device=histogram.device) + 2.0)
+    return histogram[:k].sum(), (histogram[:k].double() * gains).sum()
 
 
 class FullRanking:

@@ -21,7 +21,15 @@ import torch.nn.functional as F
 import tqdm
 from torch.nn.parallel import DistributedDataParallel
 
-from dataloading import EvalCandidates, FullRanking, TrainBatches, exact_test_negatives, load_cache, rank_metrics
+from dataloading import (
+    EvalCandidates,
+    FullRanking,
+    TrainBatches,
+    exact_test_negatives,
+    load_cache,
+    metrics_from_histogram,
+    rank_histogram,
+)
 from neumf import NeuMF
 from utils import (
     CliError,
@@ -141,17 +149,18 @@ def evaluate(model, evaluator, args, autocast):
     """
     model.eval()
     device = evaluator.users.device
-    hits, ndcg, loss, candidates = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(4))
+    histogram = torch.zeros(args.topk + 1, dtype=torch.float64, device=device)  # exact integer counts
+    loss, candidates = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
     with torch.inference_mode(), autocast:
         for logits, counted in scored_blocks(model, evaluator, args.valid_batch_size):
-            block_hits, block_ndcg = rank_metrics(logits, counted, args.topk)
-            hits += block_hits
-            ndcg += block_ndcg
+            histogram += rank_histogram(logits, counted, args.topk)
             loss += (F.softplus(logits[:, :-1]) * counted).sum() + F.softplus(-logits[:, -1]).sum()
             candidates += counted.sum() + len(logits)
-    pairs = torch.tensor(evaluator.pairs, dtype=torch.float64, device=device)
-    hits, ndcg, loss, candidates, pairs = all_reduce_sum(torch.stack([hits, ndcg, loss, candidates, pairs])).tolist()
-    return hits / evaluator.n_users_total, ndcg / evaluator.n_users_total, loss / candidates, pairs
+    pairs = torch.tensor([evaluator.pairs], dtype=torch.float64, device=device)
+    totals = all_reduce_sum(torch.cat([histogram, loss[None], candidates[None], pairs]))
+    hits, ndcg = metrics_from_histogram(totals[: args.topk + 1])
+    loss, candidates, pairs = totals[args.topk + 1 :].tolist()
+    return hits.item() / evaluator.n_users_total, ndcg.item() / evaluator.n_users_total, loss / candidates, pairs
 
 
 # --- training ---------------------------------------------------------------------------------

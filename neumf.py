@@ -59,28 +59,62 @@ class NeuMF(nn.Module):
             mlp = dropout(F.relu(layer(mlp)), self.dropout, self.training)
         return self.final(torch.cat([mf, mlp], dim=1))
 
-    def score_grid(self, users, items):
+    def score_grid(self, users, items, chunk_pairs=None):
         """Evaluation logits [U, C] of users [U] against items [C] (shared) or [U, C] (per user).
 
         Same values as forward() in eval mode, computed faster: the first MLP layer is linear in
         the concatenated embeddings, so its user half runs once per user and its item half once
-        per item; only the later layers run per (user, item) pair.
+        per catalogue item; only the later layers run per (user, item) pair, for a few users at a
+        time (about chunk_pairs pairs: by default 2^13 on CPU, where the per-pair tensors then stay
+        in cache, and 2^20 elsewhere, where each chunk is a few large kernels).
+
+        A user's row is bit-identical whichever users are scored with it (blocks of any size, any
+        number of processes; tested on CPU): the item table's matrix product has a fixed shape, the
+        per-pair ones have at least C rows (MKL rounds a row differently only in products of fewer
+        than about a dozen rows), and the user half and the final layer are products and sums,
+        whose rows are reduced one by one (a matrix-vector product also rounds by row count).
         """
-        items = items if items.dim() == 2 else items[None, :]
+        shared = items.dim() == 1
+        n_candidates = items.shape[-1]
         mf_dim = self.mf_user_embed.embedding_dim
         final_mf, final_mlp = self.final.weight[0, :mf_dim], self.final.weight[0, mf_dim:]
         user_mf = self.mf_user_embed(users) * final_mf
-        logits = (self.mf_item_embed(items) * user_mf[:, None, :]).sum(-1)
-        user_mlp, item_mlp = self.mlp_user_embed(users), self.mlp_item_embed(items)
-        if not self.mlp:  # no hidden layer: the MLP output is the concatenation itself
-            half = user_mlp.shape[1]
-            user_part = (user_mlp * final_mlp[:half]).sum(-1)[:, None]
-            return logits + user_part + (item_mlp * final_mlp[half:]).sum(-1) + self.final.bias
-        first, half = self.mlp[0], user_mlp.shape[1]
-        hidden = F.linear(user_mlp, first.weight[:, :half], first.bias)[:, None, :]
-        hidden = F.relu(hidden + F.linear(item_mlp, first.weight[:, half:]))
-        for layer in self.mlp[1:]:
-            hidden = F.relu(layer(hidden))
-        # a product and sum rather than a matrix-vector product: each row's result then does not
-        # depend on how many rows are scored together, so 1 and N processes agree to the bit
-        return logits + (hidden * final_mlp).sum(-1) + self.final.bias
+        user_mlp = self.mlp_user_embed(users)
+        half = user_mlp.shape[1]
+        if self.mlp:
+            first = self.mlp[0]
+            user_part = _rowwise_linear(user_mlp, first.weight[:, :half]) + first.bias
+            item_table = F.linear(self.mlp_item_embed.weight, first.weight[:, half:])  # [n_items, hidden]
+            user_part = user_part.to(item_table.dtype)  # bf16 under autocast: the next layer's input type
+        else:  # no hidden layer: the MLP output is the concatenation itself
+            user_part = (user_mlp * final_mlp[:half]).sum(-1, keepdim=True)
+            item_table = (self.mlp_item_embed.weight * final_mlp[half:]).sum(-1, keepdim=True)
+        if shared:
+            item_mf, item_part = self.mf_item_embed(items), item_table[items]
+        logits = torch.empty(len(users), n_candidates, device=user_mf.device)
+        chunk_pairs = chunk_pairs or (2**13 if users.device.type == "cpu" else 2**20)
+        per_chunk = max(1, chunk_pairs // max(1, n_candidates))
+        for start in range(0, len(users), per_chunk):
+            rows = slice(start, start + per_chunk)
+            if not shared:
+                item_mf, item_part = self.mf_item_embed(items[rows]), item_table[items[rows]]
+                hidden = item_part.add_(user_part[rows, None, :])  # a gathered copy: added in place
+            else:
+                hidden = item_part + user_part[rows, None, :]
+            scores = (item_mf * user_mf[rows, None, :]).sum(-1)
+            if self.mlp:
+                hidden.relu_()
+                for layer in self.mlp[1:]:
+                    hidden = F.linear(hidden, layer.weight, layer.bias).relu_()
+                scores += (hidden * final_mlp).sum(-1)
+            else:
+                scores += hidden[..., 0]
+            logits[rows] = scores + self.final.bias
+        return logits
+
+
+def _rowwise_linear(x, weight, rows=16):
+    """x @ weight.T as products and sums, a few rows at a time: each row's result is the same
+    whatever rows come with it (a matrix product over fewer than about a dozen rows rounds otherwise)."""
+    parts = [(part[:, None, :] * weight).sum(-1) for part in x.split(rows)]
+    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[0])

@@ -25,9 +25,10 @@ DATASETS = {  # name: (file under shared/data, name convert.py expects, format)
 }
 SETTINGS = {  # the reference defaults but the batch size, and what we tried for small data
     "reference-b65536": ["-b", "65536"],
-    "b8192-lr0.002": ["-b", "8192", "-l", "0.002"],
+    "b16384": ["-b", "16384"],
     "b8192-lr0.002-dropout0.2": ["-b", "8192", "-l", "0.002", "--dropout", "0.2"],
-    "b4096-lr0.001-dropout0.2": ["-b", "4096", "-l", "0.001", "--dropout", "0.2"],
+    "b16384-small": ["-b", "16384", "-f", "16", "--layers", "64", "32", "16"],
+    "b16384-n8": ["-b", "16384", "-n", "8"],
 }
 
 
