@@ -5,7 +5,7 @@
 #   DATASET=ml-1m ./quickstart.sh -e 20  # any prepare_dataset.sh name; extra flags go to ncf.py
 set -euo pipefail
 cd "$(dirname "$0")"
-source ./setup_env.sh
+source ./setup_env.sh requirements.txt
 dataset="${DATASET:-synthetic}"
 ./prepare_dataset.sh "$dataset"
 name="$(basename "$dataset")"

@@ -1,6 +1,7 @@
 # Sourced by quickstart.sh and test.sh: use the active Python environment, or make ./.venv.
 # TORCH_SPEC picks the torch to install (e.g. TORCH_SPEC="torch==2.13.0" for a CPU-only wheel).
-# Extra requirement files to install can be passed as arguments.
+# Arguments: the requirement files to install (always pass them: a bare `source` hands this file
+# the caller's own arguments).
 if [ -z "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ]; then
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
     if [ ! -x "$root/.venv/bin/python" ]; then
@@ -9,7 +10,7 @@ if [ -z "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ]; then
     # shellcheck disable=SC1091
     source "$root/.venv/bin/activate"
 fi
-requirements=("$(dirname "${BASH_SOURCE[0]}")/requirements.txt" "$@")
+requirements=("$@")
 stamp="${VIRTUAL_ENV:-${CONDA_PREFIX:-.}}/.ncf-requirements"
 wanted="${TORCH_SPEC:-torch} $(cat "${requirements[@]}" | md5sum)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
