@@ -12,8 +12,8 @@
 #
 # Steps: 1. if CACHE_DIR holds a valid cache, stop there (delete it to rebuild);
 #        2. find the raw ratings in RAW_DIR as GroupLens lays them out (ml-20m/ratings.csv,
-#           ml-1m/ratings.dat, ml-100k/u.data; or the file right in RAW_DIR), else unpack
-#           RAW_DIR/<name>.zip, else download it (download_dataset.sh);
+#           ml-1m/ratings.dat, ml-100k/u.data; or the file right in RAW_DIR), else have
+#           download_dataset.sh unpack RAW_DIR/<name>.zip (md5-checked) or download it;
 #           synthetic data is written to RAW_DIR/ratings.csv;
 #        3. run convert.py. Extra options for it go in CONVERT_ARGS, e.g. CONVERT_ARGS="--min_ratings 10".
 # Offline: put the official zip at RAW_DIR/<name>.zip (or its unpacked files in RAW_DIR) first.
@@ -122,36 +122,8 @@ if [ -n "$preset" ]; then
         "$python" synthetic.py --preset "$preset" --output "$raw_file"
     fi
 elif [ -z "$custom_file" ] && [ ! -f "$raw_file" ]; then
-    zip="$raw_dir/$name.zip"
-    if [ -f "$zip" ]; then
-        echo "unpacking $zip"
-        unpack_dir="$(mktemp -d "$raw_dir/.unpack.XXXXXX")"
-        trap 'rm -rf "$unpack_dir"' EXIT
-        if command -v unzip > /dev/null 2>&1; then
-            unzip -q -o "$zip" -d "$unpack_dir" || { err "cannot unpack $zip (is it a zip?)"; exit 1; }
-        else
-            "$python" -m zipfile -e "$zip" "$unpack_dir" || { err "cannot unpack $zip (is it a zip?)"; exit 1; }
-        fi
-        if [ ! -f "$unpack_dir/$raw_name" ]; then
-            err "$zip does not contain $raw_name"
-            exit 1
-        fi
-        # Move the zip's folder into place; into an existing folder, entry by entry, the ratings last.
-        top="${raw_name%%/*}"
-        if [ ! -e "$raw_dir/$top" ]; then
-            mv "$unpack_dir/$top" "$raw_dir/$top"
-        else
-            for entry in "$unpack_dir/$top"/* "$unpack_dir/$top"/.[!.]*; do
-                [ -e "$entry" ] || continue
-                [ "$entry" = "$unpack_dir/$raw_name" ] && continue
-                rm -rf "${raw_dir:?}/$top/$(basename "$entry")"
-                mv "$entry" "$raw_dir/$top/"
-            done
-            mv -f "$unpack_dir/$raw_name" "$raw_file"
-        fi
-    else
-        "$here/download_dataset.sh" "$name" "$raw_dir" || exit $?
-    fi
+    # download_dataset.sh checks a zip already in RAW_DIR and unpacks it, or downloads one
+    "$here/download_dataset.sh" "$name" "$raw_dir" || exit $?
     if [ ! -f "$raw_file" ]; then
         err "$raw_file is still missing after getting $name"
         exit 1
