@@ -92,10 +92,11 @@ class TrainBatches:
         order = torch.randperm(self.samples_per_epoch, generator=generator, device=self.device)
         mine = order[self.rank * self.samples_per_rank : (self.rank + 1) * self.samples_per_rank]
         # sample j < n_pos is positive j; sample j >= n_pos is a negative for positive j % n_pos
-        users = self.users[mine % n_pos]
+        positive_of = mine % n_pos
+        users = self.users[positive_of]
         is_positive = mine < n_pos
         if self.negatives:
-            items = torch.where(is_positive, self.items[mine % n_pos], negative_items[(mine - n_pos).clamp_(min=0)])
+            items = torch.where(is_positive, self.items[positive_of], negative_items[(mine - n_pos).clamp_(min=0)])
         else:  # -n 0: no negatives to index (indexing the empty tensor would fail)
             items = self.items[mine]
         labels = is_positive.float()

@@ -165,9 +165,10 @@ def sizes_from_state(state, path):
 
 def load_model(path, device, n_users=None, n_items=None):
     """The checkpoint's model in eval mode on `device`; given n_users/n_items must match its embeddings."""
-    ckpt_users, ckpt_items, factors, layers = sizes_from_state(load_state_dict_file(path), path)
+    state = load_state_dict_file(path)
+    ckpt_users, ckpt_items, factors, layers = sizes_from_state(state, path)
     model = NeuMF(n_users or ckpt_users, n_items or ckpt_items, factors, layers)
-    load_model_weights(model, path)  # names the first tensor that does not fit the cache's sizes
+    load_model_weights(model, path, state)  # names the first tensor that does not fit the cache's sizes
     return model.to(device).eval()
 
 

@@ -39,6 +39,8 @@ from utils import (
     init_distributed,
     load_model_weights,
     make_logger,
+    model_state,
+    read_checkpoint,
     run_main,
 )
 
@@ -221,8 +223,8 @@ def save_training_state(path, model, optimizer, scaler, epoch, seed, best, data,
 
 
 def load_training_state(path, model, optimizer, scaler, data):
-    load_model_weights(model, path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)
+    load_model_weights(model, path, model_state(state, path))
     if state.get("data_sha256") != data.meta["source_sha256"]:
         raise CliError(f"{path} was trained on another dataset than --data; start a new run without --resume")
     try:

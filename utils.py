@@ -52,17 +52,23 @@ def atomic_save(obj, path):
         raise
 
 
-def load_state_dict_file(path):
-    """Load a checkpoint saved by this suite or by the reference (a plain state dict, maybe DDP-prefixed)."""
+def read_checkpoint(path):
+    """torch.load of a checkpoint file, with one-line errors for a missing or corrupt file."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise CliError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CliError(f"checkpoint {path} is corrupt or not a PyTorch file ({type(error).__name__})") from None
+
+
+def model_state(checkpoint, path):
+    """The model state dict in a checkpoint of this suite or of the reference, without `module.`."""
+    import torch
+
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
         checkpoint = checkpoint["model"]  # a training-state checkpoint (last.pth)
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -70,9 +76,17 @@ def load_state_dict_file(path):
     return {key.removeprefix("module."): value for key, value in checkpoint.items()}
 
 
-def load_model_weights(model, path):
-    """Load a checkpoint into `model`, naming the first tensor that does not fit."""
-    state = load_state_dict_file(path)
+def load_state_dict_file(path):
+    """Load a checkpoint saved by this suite or by the reference (a plain state dict, maybe DDP-prefixed)."""
+    return model_state(read_checkpoint(path), path)
+
+
+def load_model_weights(model, path, state=None):
+    """Load a checkpoint into `model`, naming the first tensor that does not fit.
+
+    `state` is the checkpoint's model state when the caller has read the file already.
+    """
+    state = load_state_dict_file(path) if state is None else state
     own = model.state_dict()
     for name in own.keys() - state.keys():
         raise CliError(f"checkpoint {path} has no tensor {name}; it is not a NeuMF checkpoint of this layout")
