@@ -10,31 +10,38 @@ Pipeline (docs: README "Data preparation"):
      among the items that are not the user's training positives.
 
 The cache directory holds train_ratings.pt [N_train, 2], test_ratings.pt [N_users, 2],
-test_negatives.pt [N_users, valid_negative] (int64, user and item columns), user_ids.csv and
+test_negatives.pt [N_users, valid_negative] (int32, user and item columns), user_ids.csv and
 item_ids.csv (line k is the raw id of dense id k) and metadata.json. It is written to a temporary
 directory and renamed into place, so an interrupted run never leaves a cache that loads.
 """
 
 import argparse
+import csv
 import hashlib
-import importlib
 import json
 import os
+import pickle
 import re
 import shutil
+import struct
+import sys
 import tempfile
 import threading
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from utils import CliError, run_main
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int32 tensors (1: int64)
+SORT_BLOCK_ROWS = 4096  # rows per block when sorting a file grouped by user
+CHUNK_ROWS = 1 << 20  # rows per chunk of the steps that work chunk by chunk
+SEARCH_BLOCK_USERS = 1024  # users per block when mapping ranks to free items
 FORMATS = ("ml-20m", "ml-1m", "ml-100k", "custom")
 TRAIN_FILE = "train_ratings.pt"
 TEST_FILE = "test_ratings.pt"
@@ -125,32 +132,41 @@ def read_ratings(path, fmt):
     else:
         names = None
         include = [f"f{i}" for i in columns]
-    id_type = pa.string() if fmt == "custom" else pa.int64()
-    time_type = pa.float64() if fmt == "custom" else pa.int64()
     read_options = pacsv.ReadOptions(
         column_names=names, skip_rows=1 if has_header else 0, autogenerate_column_names=not has_header
     )
-    convert_options = pacsv.ConvertOptions(
-        include_columns=include,
-        column_types={include[0]: id_type, include[1]: id_type, include[2]: time_type},
-        strings_can_be_null=False,
-        quoted_strings_can_be_null=False,
-    )
-    try:
-        table = pacsv.read_csv(
-            path,
-            read_options=read_options,
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
-            convert_options=convert_options,
+    # 32-bit columns halve the memory to fill (MovieLens ids and timestamps fit in them);
+    # a file with larger numbers is read again with 64 bits
+    number_types = [pa.float64()] if fmt == "custom" else [pa.int32(), pa.int64()]
+    for number_type in number_types:
+        id_type = pa.string() if fmt == "custom" else number_type
+        convert_options = pacsv.ConvertOptions(
+            include_columns=include,
+            column_types={include[0]: id_type, include[1]: id_type, include[2]: number_type},
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
         )
-    except (pa.ArrowException, UnicodeDecodeError) as error:
-        raise CliError(f"{path}: {diagnose(path, fmt) or error}") from None
+        try:
+            table = pacsv.read_csv(
+                path,
+                read_options=read_options,
+                parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                convert_options=convert_options,
+            )
+            break
+        except (pa.ArrowException, UnicodeDecodeError) as error:
+            if number_type == number_types[-1]:
+                raise CliError(f"{path}: {diagnose(path, fmt) or error}") from None
     if table.num_rows == 0:
         raise CliError(f"{path} holds no ratings")
     users, items, times = (table.column(name) for name in include)
     if fmt == "custom":
         users, items = numeric_ids_if_possible(users), numeric_ids_if_possible(items)
-    users, items, times = (column.to_numpy() for column in (users, items, times))
+    # numpy's concatenation of the chunks is faster than pyarrow's to_numpy of the whole column
+    users, items, times = (
+        np.concatenate([chunk.to_numpy(zero_copy_only=False) for chunk in column.chunks])
+        for column in (users, items, times)
+    )
     if np.issubdtype(times.dtype, np.floating) and not np.isfinite(times).all():
         line = line_number(path, int(np.flatnonzero(~np.isfinite(times))[0]), has_header)
         raise CliError(f"{path}: line {line}: timestamp is not a finite number")
@@ -231,6 +247,15 @@ def sha256_of(path, result):
 # --- processing -------------------------------------------------------------------------------
 
 
+def in_parallel(function, n):
+    """Call function(first, last) on equal slices of range(n), one thread per core: numpy's sorts and
+    searches release the GIL, so the slices run at the same time."""
+    workers = os.cpu_count() or 1
+    bounds = np.linspace(0, n, workers + 1).astype(np.int64)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(function, bounds[:-1], bounds[1:]))  # list(): re-raise what a slice raised
+
+
 def bits(value):
     """Bits needed to hold 0..value."""
     return max(1, int(value).bit_length())
@@ -241,107 +266,151 @@ def factorize(ids):
     if ids.dtype.kind == "i" and ids.min() >= 0 and ids.max() < 2 * len(ids) + 2**20:
         # small non-negative integers (MovieLens ids): index by value, several times faster than hashing
         first_row = np.full(ids.max() + 1, len(ids))
-        np.minimum.at(first_row, ids, np.arange(len(ids)))
+        for start in range(0, len(ids), CHUNK_ROWS):  # in chunks: no row-number array as long as the file
+            chunk = ids[start : start + CHUNK_ROWS]
+            np.minimum.at(first_row, chunk, np.arange(start, start + len(chunk)))
         uniques = np.flatnonzero(first_row < len(ids))
         uniques = uniques[np.argsort(first_row[uniques])]
-        dense = np.empty(len(first_row), np.int64)
+        dense = np.empty(len(first_row), np.int32)
         dense[uniques] = np.arange(len(uniques))
         return dense[ids], uniques
+    import pandas as pd  # only for ids that need hashing: importing it costs a quarter of a second
+
     codes, uniques = pd.factorize(ids)
-    return codes.astype(np.int64), uniques
+    return codes.astype(np.int32), uniques
 
 
-def filter_and_index(raw_users, raw_items, min_ratings):
-    """Drop light users, then give users and items dense ids in order of first appearance."""
-    user_codes, user_uniques = factorize(raw_users)
-    kept_user = np.bincount(user_codes) >= min_ratings
+def filter_and_index(raw_users, raw_items, times, min_ratings):
+    """Drop light users, then give users and items dense ids in order of first appearance.
+
+    Returns users, items, the raw id of each dense user and item id, and the kept rows' timestamps.
+    """
+    users, user_ids = factorize(raw_users)
+    kept_user = np.bincount(users) >= min_ratings
     if not kept_user.any():
         raise CliError(f"no user has {min_ratings} or more ratings (--min_ratings); nothing to train on")
-    keep = kept_user[user_codes]
-    users = (np.cumsum(kept_user) - 1)[user_codes[keep]]
-    items, item_uniques = factorize(raw_items[keep])
-    return users, items, user_uniques[kept_user], item_uniques, keep
+    if not kept_user.all():
+        keep = kept_user[users]
+        users = (np.cumsum(kept_user, dtype=np.int32) - 1)[users[keep]]
+        raw_items, times, user_ids = raw_items[keep], times[keep], user_ids[kept_user]
+    items, item_ids = factorize(raw_items)
+    return users, items, user_ids, item_ids, times
 
 
-def time_order(timestamps):
-    """A distinct int64 per row that increases with (timestamp, line number)."""
-    n = len(timestamps)
-    if timestamps.dtype.kind == "i":
-        low = int(timestamps.min())
-        if (int(timestamps.max()) - low + 1) * n < 2**62:
-            return (timestamps - low) * n + np.arange(n)
-    order = np.argsort(timestamps, kind="stable")
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n)
-    return rank
+def sorted_pair_keys(users, items, item_bits):
+    """user << item_bits | item of every row, sorted."""
+    keys = users.astype(np.int64)
+    keys <<= item_bits
+    keys |= items
+    if (users[1:] >= users[:-1]).all():
+        # rows grouped by user (MovieLens files are): sorting blocks of whole users, each small
+        # enough for the cache, is several times faster than one sort of everything
+        bounds = np.r_[np.unique(np.searchsorted(users, users[::SORT_BLOCK_ROWS])), len(keys)]
+
+        def sort_blocks(first, last):
+            for start, end in zip(bounds[first:last], bounds[first + 1 : last + 1], strict=True):
+                keys[start:end].sort()
+
+        in_parallel(sort_blocks, len(bounds) - 1)
+    else:
+        keys.sort()
+    return keys
 
 
-def sort_with_rows(keys, key_bits):
-    """The keys sorted, and the row each came from (equal keys in row order)."""
-    row_bits = bits(len(keys) - 1)
-    if key_bits + row_bits <= 63:  # key and row in one int64: a plain sort is ~3x faster than argsort
-        packed = np.sort((keys << row_bits) | np.arange(len(keys)))
-        return packed >> row_bits, packed & ((1 << row_bits) - 1)
-    order = np.argsort(keys, kind="stable")
-    return keys[order], order
+def latest_rows(users, times, n_users):
+    """Each user's row with the largest timestamp, the later line winning a tie."""
+    latest = np.full(n_users, times.min())
+    np.maximum.at(latest, users, times)
+    candidates = np.flatnonzero(times == latest[users])
+    last = np.full(n_users, -1)
+    np.maximum.at(last, users[candidates], candidates)
+    return last
+
+
+def earliest_of_each_pair(users, items, times, item_bits, repeated_keys):
+    """The rows to keep when some (user, item) pairs repeat: each pair's earliest row, ties to the earlier line."""
+    keys = (users.astype(np.int64) << item_bits) | items
+    rows = np.flatnonzero(np.isin(keys, repeated_keys))
+    rows = rows[np.lexsort((times[rows], keys[rows]))]  # by pair, then time, then line (lexsort is stable)
+    later = np.r_[False, keys[rows[1:]] == keys[rows[:-1]]]
+    kept = np.ones(len(keys), dtype=bool)
+    kept[rows[later]] = False
+    return np.flatnonzero(kept)
 
 
 def split_leave_one_out(users, items, times, n_users, n_items):
     """Dedupe (keep the earliest) and hold out each user's latest interaction.
 
-    Returns the training and the test (users, items), each sorted by user then item.
+    Returns the training keys (user << item_bits | item, sorted) and the test item of each user.
     """
     item_bits = bits(n_items - 1)
-    pairs, rows = sort_with_rows((users << item_bits) | items, bits(n_users - 1) + item_bits)
-    group_start = np.flatnonzero(np.r_[True, pairs[1:] != pairs[:-1]])
-    pairs = pairs[group_start]
-    first_time = np.minimum.reduceat(times[rows], group_start)
-    pair_users = pairs >> item_bits
-    user_start = np.r_[0, np.cumsum(np.bincount(pair_users, minlength=n_users))[:-1]]
-    is_test = first_time == np.maximum.reduceat(first_time, user_start)[pair_users]
-    item_mask = (1 << item_bits) - 1
-    train, test = pairs[~is_test], pairs[is_test]
-    return (train >> item_bits, train & item_mask), (test >> item_bits, test & item_mask)
+    keys = sorted_pair_keys(users, items, item_bits)
+    repeated = keys[1:] == keys[:-1]
+    if repeated.any():
+        kept = earliest_of_each_pair(users, items, times, item_bits, np.unique(keys[1:][repeated]))
+        test_rows = kept[latest_rows(users[kept], times[kept], n_users)]
+        keys = keys[np.r_[True, ~repeated]]
+    else:
+        test_rows = latest_rows(users, times, n_users)
+    test_items = items[test_rows]
+    test_keys = (np.arange(n_users) << item_bits) | test_items
+    return np.delete(keys, np.searchsorted(keys, test_keys)), test_items
 
 
-def nth_free_items(pos_users, pos_items, n_users, n_items, ranks):
+def nth_free_items(keys, stride, n_users, ranks):
     """For every user u and rank r in ranks[u], the r-th item (0-based) that is not one of u's positives.
 
-    The positive pairs must be sorted by user then item. With a user's positives sorted as
-    p_0 < p_1 < ..., its r-th free item is r + #{j : p_j - j <= r}, found for every rank at once
-    by one searchsorted on the keys user * n_items + (p_j - j), which are non-decreasing.
+    keys are the positives as user * stride + item (stride >= the number of items), sorted. With a
+    user's positives sorted as p_0 < p_1 < ..., its r-th free item is r + #{j : p_j - j <= r}, found
+    for every rank at once by one searchsorted on the keys u * stride + (p_j - j), which are non-decreasing.
     """
-    starts = np.r_[0, np.cumsum(np.bincount(pos_users, minlength=n_users))[:-1]]
-    rank_in_user = np.arange(len(pos_items)) - starts[pos_users]
-    shifted = pos_users * n_items + (pos_items - rank_in_user)
-    queries = np.arange(n_users)[:, None] * n_items + ranks
-    return ranks + np.searchsorted(shifted, queries, side="right") - starts[:, None]
+    starts = np.searchsorted(keys, np.arange(n_users + 1) * stride)
+    found = np.empty(ranks.shape, dtype=np.int64)
+
+    def search(first, last):
+        # a block of users at a time, so that the block's keys stay in the cache
+        for low in range(first, last, SEARCH_BLOCK_USERS):
+            high = min(low + SEARCH_BLOCK_USERS, last)
+            block_starts = starts[low : high + 1] - starts[low]
+            rank_in_user = np.arange(block_starts[-1]) - np.repeat(block_starts[:-1], np.diff(block_starts))
+            shifted = keys[starts[low] : starts[high]] - rank_in_user
+            queries = ranks[low:high] + (np.arange(low, high) * stride)[:, None]
+            # the count of shifted keys <= a query takes in the block's earlier users: subtract them
+            below = np.searchsorted(shifted, queries, side="right") - block_starts[:-1, None]
+            found[low:high] = ranks[low:high] + below
+
+    in_parallel(search, n_users)
+    return found
 
 
-def sample_test_negatives(train_users, train_items, n_users, n_items, per_user, seed):
+def sample_test_negatives(keys, stride, n_users, n_items, per_user, seed):
     """Draw per_user items per user, uniformly with replacement among items not in its training set.
 
-    No rejection loop: draw ranks among each user's free items, then map them to items. The
-    training pairs must be sorted by user then item. Each user's negatives come sorted.
+    keys: the training pairs as user * stride + item, sorted. No rejection loop: draw ranks among
+    each user's free items, then map them to items. Each user's negatives come sorted.
     """
-    n_free = n_items - np.bincount(train_users, minlength=n_users)  # >= 1: the test item is free
-    rng = np.random.default_rng(seed)
-    # sorted ranks make the searchsorted queries increasing, which it answers about twice as fast
-    ranks = np.sort(rng.integers(0, n_free[:, None], size=(n_users, per_user)), axis=1)
-    return nth_free_items(train_users, train_items, n_users, n_items, ranks)
+    n_positives = np.diff(np.searchsorted(keys, np.arange(n_users + 1) * stride))
+    ranks = np.random.default_rng(seed).integers(0, n_items - n_positives[:, None], size=(n_users, per_user))
+    ranks.sort(axis=1)  # sorted ranks make the searchsorted queries increasing: about twice as fast
+    return nth_free_items(keys, stride, n_users, ranks)
 
 
 def build(users_raw, items_raw, times_raw, min_ratings, valid_negative, seed):
-    users, items, user_ids, item_ids, keep = filter_and_index(users_raw, items_raw, min_ratings)
+    users, items, user_ids, item_ids, times = filter_and_index(users_raw, items_raw, times_raw, min_ratings)
     n_users, n_items = len(user_ids), len(item_ids)
     if valid_negative >= n_items:
         raise CliError(f"--valid_negative {valid_negative} must be smaller than the number of items ({n_items})")
-    train, test = split_leave_one_out(users, items, time_order(times_raw[keep]), n_users, n_items)
-    negatives = sample_test_negatives(*train, n_users, n_items, valid_negative, seed)
+    train_keys, test_items = split_leave_one_out(users, items, times, n_users, n_items)
+    item_bits = bits(n_items - 1)
+    train = np.empty((len(train_keys), 2), dtype=np.int32)  # ids fit: half the bytes to write and load
+    np.right_shift(train_keys, item_bits, out=train[:, 0], casting="unsafe")
+    np.bitwise_and(train_keys, (1 << item_bits) - 1, out=train[:, 1], casting="unsafe")
     return {
-        "train": np.stack(train, axis=1),
-        "test": np.stack(test, axis=1),
-        "negatives": negatives,
+        "train": train,
+        "test": np.stack([np.arange(n_users, dtype=np.int32), test_items], axis=1),
+        "negatives": sample_test_negatives(train_keys, 1 << item_bits, n_users, n_items, valid_negative, seed).astype(
+            np.int32
+        ),
         "user_ids": user_ids,
         "item_ids": item_ids,
     }
@@ -372,10 +441,56 @@ def read_metadata(cache_dir):
     return meta
 
 
+def save_tensor(array, path):
+    """Save an int32 numpy array as a file that torch.load reads as a tensor of the same shape.
+
+    The file is what torch.save writes (the zip layout of PyTorch 1.6, which every later PyTorch
+    reads): a pickle that rebuilds the tensor from storage record 0, and the array's bytes as that
+    record. Writing it here keeps torch out of convert.py, whose import takes over a second.
+    """
+    array = np.ascontiguousarray(array, dtype=np.int32)
+    storage = pickle.MARK + pickle_str("storage") + pickle.GLOBAL + b"torch\nIntStorage\n" + pickle_str("0")
+    storage += pickle_str("cpu") + pickle_int(array.size) + pickle.TUPLE
+    rebuild_args = pickle.MARK + storage + pickle.BINPERSID + pickle_int(0)  # storage, offset
+    rebuild_args += pickle_tuple(array.shape) + pickle_tuple(np.array(array.strides) // array.itemsize)
+    rebuild_args += pickle.NEWFALSE + pickle.GLOBAL + b"collections\nOrderedDict\n" + pickle.EMPTY_TUPLE
+    rebuild_args += pickle.REDUCE + pickle.TUPLE  # requires_grad False, no backward hooks
+    rebuild = pickle.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n" + rebuild_args + pickle.REDUCE
+    records = {
+        "data.pkl": pickle.PROTO + b"\x02" + rebuild + pickle.STOP,
+        "byteorder": sys.byteorder.encode(),
+        "version": b"3\n",
+        "data/0": array.reshape(-1).view(np.uint8),
+    }
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in records.items():
+            # a fixed date: the same cache gives the same bytes
+            archive.writestr(zipfile.ZipInfo(f"{Path(path).stem}/{name}", date_time=(1980, 1, 1, 0, 0, 0)), data)
+
+
+def pickle_int(value):
+    return pickle.dumps(int(value), protocol=2)[2:-1]  # the opcode that pushes the int, without PROTO and STOP
+
+
+def pickle_str(text):
+    encoded = text.encode()
+    return pickle.BINUNICODE + struct.pack("<I", len(encoded)) + encoded
+
+
+def pickle_tuple(values):
+    return pickle.MARK + b"".join(pickle_int(value) for value in values) + pickle.TUPLE
+
+
+def write_id_map(path, raw_ids):
+    """A one-column CSV: the header `raw_id`, then line k + 2 holds the raw id of dense id k."""
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file, lineterminator="\n")
+        writer.writerow(["raw_id"])
+        writer.writerows([raw_id] for raw_id in raw_ids.tolist())
+
+
 def write_cache(output, cache, meta):
     """Write into a temporary sibling directory, then swap it in: never a half-written cache."""
-    import torch  # loaded in the background by main(); this waits for it
-
     output = Path(output)
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / METADATA_FILE).exists())):
         raise CliError(f"{output} exists and is not a data cache; choose another --output")
@@ -388,11 +503,11 @@ def write_cache(output, cache, meta):
         umask = os.umask(0)  # the cache gets the usual permissions, not mkdtemp's 0o700
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)
-        torch.save(torch.from_numpy(cache["train"]), tmp / TRAIN_FILE)
-        torch.save(torch.from_numpy(cache["test"]), tmp / TEST_FILE)
-        torch.save(torch.from_numpy(cache["negatives"]), tmp / NEGATIVES_FILE)
-        pd.Series(cache["user_ids"], name="raw_id").to_csv(tmp / USER_IDS_FILE, index=False)
-        pd.Series(cache["item_ids"], name="raw_id").to_csv(tmp / ITEM_IDS_FILE, index=False)
+        save_tensor(cache["train"], tmp / TRAIN_FILE)
+        save_tensor(cache["test"], tmp / TEST_FILE)
+        save_tensor(cache["negatives"], tmp / NEGATIVES_FILE)
+        write_id_map(tmp / USER_IDS_FILE, cache["user_ids"])
+        write_id_map(tmp / ITEM_IDS_FILE, cache["item_ids"])
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         old = None
         if output.exists():
@@ -420,13 +535,11 @@ def main():
     if args.valid_negative < 1:
         raise CliError("--valid_negative must be at least 1")
     fmt = guess_format(args.path) if args.format == "auto" else args.format
+    users, items, times = read_ratings(args.path, fmt)
+    # hash the file beside the processing, whose single-threaded steps leave a core free
     digest = []
     hasher = threading.Thread(target=sha256_of, args=(args.path, digest))
-    if Path(args.path).is_file():
-        hasher.start()
-    # importing torch takes about a second; only the final write needs it, so overlap it with parsing
-    threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
-    users, items, times = read_ratings(args.path, fmt)
+    hasher.start()
     cache = build(users, items, times, args.min_ratings, args.valid_negative, args.seed)
     hasher.join()
     meta = {

@@ -47,8 +47,10 @@ def load_cache(cache_dir):
         NEGATIVES_FILE: (data.test_negatives, (n_users, meta["valid_negative"])),
     }
     for name, (tensor, shape) in expected.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tuple(tensor.shape) != shape:
-            raise CliError(f"{cache_dir}/{name} does not match metadata.json (expected int64 {list(shape)})")
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int32 or tuple(tensor.shape) != shape:
+            raise CliError(f"{cache_dir}/{name} does not match metadata.json (expected int32 {list(shape)})")
+    # int32 on disk (half the bytes); int64 in memory, where ids are multiplied into keys and index tensors
+    data.train, data.test, data.test_negatives = data.train.long(), data.test.long(), data.test_negatives.long()
     items = torch.cat([data.train[:, 1], data.test[:, 1], data.test_negatives.flatten()])
     if data.train[:, 0].max() >= n_users or items.max() >= n_items or items.min() < 0 or data.train.min() < 0:
         raise CliError(f"{cache_dir} holds ids outside its {n_users} users and {n_items} items; run convert.py again")
@@ -205,9 +207,8 @@ def exact_test_negatives(data, per_user, seed):
     any training item); the same cache and seed always give the same draw.
     """
     n_users, n_items = data.n_users, data.n_items
-    pairs = np.sort(torch.cat([data.train, data.test]).numpy() @ np.array([n_items, 1]))
-    users, items = np.divmod(pairs, n_items)
-    n_free = n_items - np.bincount(users, minlength=n_users)
+    keys = np.sort(torch.cat([data.train, data.test]).numpy() @ np.array([n_items, 1]))
+    n_free = n_items - np.bincount(keys // n_items, minlength=n_users)
     if n_free.min() < per_user:
         user = int(np.argmin(n_free))
         raise CliError(
@@ -215,7 +216,7 @@ def exact_test_negatives(data, per_user, seed):
             f"user {user} has only {n_free[user]}"
         )
     ranks = np.sort(distinct_draws(np.random.default_rng(seed), n_free, per_user), axis=1)
-    return torch.from_numpy(nth_free_items(users, items, n_users, n_items, ranks))
+    return torch.from_numpy(nth_free_items(keys, n_items, n_users, ranks))
 
 
 def distinct_draws(rng, highs, k):

@@ -201,7 +201,7 @@ def test_integer_id_maps_round_trip(tmp_path, monkeypatch, capsys):
     assert cache["test"].tolist() == EXPECTED_TEST
     # three items, two in each user's training set: the one free item is its test item
     assert cache["negatives"].tolist() == [[2], [0]]
-    assert all(cache[name].dtype == np.int64 for name in TENSOR_FILES)
+    assert all(cache[name].dtype == np.int32 for name in TENSOR_FILES)
 
 
 # --- the pipeline, step by step ---------------------------------------------------------------
@@ -254,14 +254,61 @@ def test_equal_timestamps_later_line_is_later(float_times):
         assert again["train"].tolist() == cache["train"].tolist()
 
 
-def test_time_order_breaks_ties_by_line_in_both_code_paths():
-    rng = np.random.default_rng(0)
-    small = rng.integers(0, 5, 1000)  # narrow range: timestamp * n + line
-    wide = small * (2**60 // 5)  # too wide for that: ranks of a stable sort
-    for times in (small, wide, small.astype(np.float64)):
-        key = convert.time_order(times)
-        assert len(np.unique(key)) == len(times)
-        assert np.array_equal(np.argsort(key), np.lexsort((np.arange(len(times)), times)))
+def naive_split(users, items, times):
+    """The split spelled out: dedupe keeping each pair's earliest row (ties: the earlier line), then
+    each user's latest remaining row (ties: the later line) is its test pair."""
+    earliest = {}
+    for row, pair in enumerate(zip(users, items, strict=True)):
+        if pair not in earliest or times[row] < times[earliest[pair]]:
+            earliest[pair] = row
+    latest = {}
+    for pair, row in earliest.items():
+        user = pair[0]
+        if user not in latest or (times[row], row) > (times[latest[user]], latest[user]):
+            latest[user] = row
+    test = {user: items[row] for user, row in latest.items()}
+    train = sorted(pair for pair, row in earliest.items() if latest[pair[0]] != row)
+    return train, test
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped by user", "shuffled"])
+@pytest.mark.parametrize("times_kind", ["int", "wide int", "float"])
+def test_split_matches_a_naive_reference(grouped, times_kind):
+    # many repeated pairs and tied timestamps; more rows than a sort block, so several blocks
+    rng = np.random.default_rng(7)
+    n_rows, n_users, n_items = 3 * convert.SORT_BLOCK_ROWS, 300, 40
+    users = np.sort(rng.integers(0, n_users, n_rows)) if grouped else rng.integers(0, n_users, n_rows)
+    users = users.astype(np.int32)
+    items = rng.integers(0, n_items, n_rows).astype(np.int32)
+    times = rng.integers(0, 8, n_rows)
+    times = {"int": times.astype(np.int32), "wide int": times * 2**40, "float": times / 3}[times_kind]
+    present = np.unique(users)  # dense ids, as split_leave_one_out expects
+    users = np.searchsorted(present, users).astype(np.int32)
+    train_keys, test_items = convert.split_leave_one_out(users, items, times, len(present), n_items)
+    item_bits = convert.bits(n_items - 1)
+    train = [(int(k) >> item_bits, int(k) & ((1 << item_bits) - 1)) for k in train_keys]
+    expected_train, expected_test = naive_split(users.tolist(), items.tolist(), times.tolist())
+    assert train == expected_train
+    assert dict(enumerate(test_items.tolist())) == expected_test
+
+
+def test_sorted_pair_keys_in_both_code_paths():
+    rng = np.random.default_rng(3)
+    for users in (np.repeat(np.arange(5000), rng.integers(1, 6, 5000)), rng.integers(0, 5000, 15_000)):
+        users = users.astype(np.int32)
+        items = rng.integers(0, 1000, len(users)).astype(np.int32)
+        expected = np.sort((users.astype(np.int64) << 10) | items)
+        assert np.array_equal(convert.sorted_pair_keys(users, items, 10), expected)
+
+
+def test_save_tensor_files_load_in_torch(tmp_path):
+    for array in (np.arange(12, dtype=np.int32).reshape(6, 2), np.zeros((0, 2), np.int32), np.array([-5, 2**31 - 1])):
+        convert.save_tensor(array, tmp_path / "tensor.pt")
+        for mmap in (False, True):
+            tensor = torch.load(tmp_path / "tensor.pt", weights_only=True, mmap=mmap)
+            assert tensor.dtype == torch.int32 and tensor.shape == array.shape
+            assert tensor.tolist() == array.tolist()
+            assert tensor.is_contiguous()
 
 
 def test_dedupe_keeps_the_earliest():
@@ -316,7 +363,7 @@ def test_sample_test_negatives_matches_a_naive_reference_on_every_small_training
     # every subset of the 5 items but the full one is some user's training set
     subsets = [s for k in range(n_items) for s in itertools.combinations(range(n_items), k)]
     keys = np.array([u * n_items + i for u, s in enumerate(subsets) for i in s], dtype=np.int64)
-    negatives = convert.sample_test_negatives(*np.divmod(keys, n_items), len(subsets), n_items, per_user, seed=11)
+    negatives = convert.sample_test_negatives(keys, n_items, len(subsets), n_items, per_user, seed=11)
     assert negatives.shape == (len(subsets), per_user)
     assert np.array_equal(negatives, naive_negatives(subsets, n_items, per_user, seed=11))
     for user, subset in enumerate(subsets):  # 200 draws reach every free item
@@ -328,7 +375,7 @@ def test_sample_test_negatives_matches_the_naive_reference_on_random_sets():
     n_users, n_items = 60, 40
     keys = random_train_pairs(rng, n_users, n_items, n_items - 1)
     sets = [keys[keys // n_items == u] % n_items for u in range(n_users)]
-    negatives = convert.sample_test_negatives(*np.divmod(keys, n_items), n_users, n_items, 30, seed=2)
+    negatives = convert.sample_test_negatives(keys, n_items, n_users, n_items, 30, seed=2)
     assert np.array_equal(negatives, naive_negatives(sets, n_items, 30, seed=2))
 
 
@@ -336,7 +383,7 @@ def test_negatives_never_hit_training_positives_and_have_the_right_shape():
     rng = np.random.default_rng(1)
     n_users, n_items, per_user = 300, 80, 100
     keys = random_train_pairs(rng, n_users, n_items, n_items - 1)
-    negatives = convert.sample_test_negatives(*np.divmod(keys, n_items), n_users, n_items, per_user, seed=1)
+    negatives = convert.sample_test_negatives(keys, n_items, n_users, n_items, per_user, seed=1)
     assert negatives.shape == (n_users, per_user)
     assert negatives.dtype == np.int64
     assert negatives.min() >= 0 and negatives.max() < n_items
@@ -354,7 +401,7 @@ def test_negatives_are_uniform_over_the_allowed_items():
     # sum over users of per_user * [i allowed for u] / (number of items allowed for u)
     n_users, n_items, per_user = 400, 50, 100
     keys = random_train_pairs(rng, n_users, n_items, 40)
-    negatives = convert.sample_test_negatives(*np.divmod(keys, n_items), n_users, n_items, per_user, seed=7)
+    negatives = convert.sample_test_negatives(keys, n_items, n_users, n_items, per_user, seed=7)
     allowed = np.ones((n_users, n_items), dtype=bool)
     allowed[keys // n_items, keys % n_items] = False
     expected = (per_user * allowed / allowed.sum(axis=1, keepdims=True)).sum(axis=0)
@@ -362,7 +409,7 @@ def test_negatives_are_uniform_over_the_allowed_items():
     assert ((observed - expected) ** 2 / expected).sum() < chi_square_bound(n_items - 1)
     # one user, many draws: uniform over exactly its 20 free items
     train = np.sort(rng.choice(n_items, 30, replace=False))
-    one = convert.sample_test_negatives(np.zeros_like(train), train, 1, n_items, 40_000, seed=3)[0]
+    one = convert.sample_test_negatives(train, n_items, 1, n_items, 40_000, seed=3)[0]
     counts = np.bincount(one, minlength=n_items)
     assert not counts[train].any()
     free = np.setdiff1d(np.arange(n_items), train)
@@ -384,9 +431,9 @@ def test_a_user_with_all_items_but_one_gets_only_that_one():
 def test_seed_decides_the_negatives():
     rng = np.random.default_rng(3)
     keys = random_train_pairs(rng, 50, 100, 60)
-    first = convert.sample_test_negatives(*np.divmod(keys, 100), 50, 100, 100, seed=1)
-    assert np.array_equal(first, convert.sample_test_negatives(*np.divmod(keys, 100), 50, 100, 100, seed=1))
-    other = convert.sample_test_negatives(*np.divmod(keys, 100), 50, 100, 100, seed=2)
+    first = convert.sample_test_negatives(keys, 100, 50, 100, 100, seed=1)
+    assert np.array_equal(first, convert.sample_test_negatives(keys, 100, 50, 100, 100, seed=1))
+    other = convert.sample_test_negatives(keys, 100, 50, 100, 100, seed=2)
     assert (first != other).any(axis=1).all()  # every user's draws change
 
 
@@ -516,15 +563,15 @@ def test_a_crash_while_writing_leaves_the_old_cache_untouched(tmp_path, monkeypa
     convert.write_cache(out, cache, meta)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     saved = []
-    real_save = torch.save
+    real_save = convert.save_tensor
 
-    def save_then_crash(obj, path):
+    def save_then_crash(array, path):
         saved.append(path)
         if len(saved) == 2:
             raise crash(28, "No space left on device")
-        real_save(obj, path)
+        real_save(array, path)
 
-    monkeypatch.setattr(torch, "save", save_then_crash)
+    monkeypatch.setattr(convert, "save_tensor", save_then_crash)
     with pytest.raises(CliError if crash is OSError else crash):
         convert.write_cache(out, cache, {**meta, "seed": 2})
     assert len(saved) == 2

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
+from convert import FORMAT_VERSION
 from dataloading import EvalCandidates, TrainBatches, counted_negatives, load_cache, rank_metrics
 from utils import CliError
 
@@ -283,7 +284,7 @@ def test_corrupt_metadata(cache_copy):
 
 def test_old_format_version(cache_copy):
     edit_metadata(cache_copy, format_version=0)
-    with pytest.raises(CliError, match=r"another version of convert\.py \(cache format 0, expected 1\)"):
+    with pytest.raises(CliError, match=rf"another version of convert\.py \(cache format 0, expected {FORMAT_VERSION}\)"):
         load_cache(cache_copy)
 
 
@@ -294,8 +295,8 @@ def test_missing_tensor_file(cache_copy):
 
 
 def test_tensor_shape_does_not_match_metadata(cache_copy):
-    torch.save(torch.zeros(59, 2, dtype=torch.int64), cache_copy / "test_ratings.pt")
-    with pytest.raises(CliError, match=r"test_ratings\.pt does not match metadata\.json \(expected int64 \[60, 2\]\)"):
+    torch.save(torch.zeros(59, 2, dtype=torch.int32), cache_copy / "test_ratings.pt")
+    with pytest.raises(CliError, match=r"test_ratings\.pt does not match metadata\.json \(expected int32 \[60, 2\]\)"):
         load_cache(cache_copy)
     edit_metadata(cache_copy, n_train=5)  # metadata that disagrees with the training file
     with pytest.raises(CliError, match=r"train_ratings\.pt does not match metadata\.json"):
@@ -307,7 +308,7 @@ def test_wrong_dtype_and_ids_out_of_range(cache_copy):
     torch.save(data.test_negatives.float(), cache_copy / "test_negatives.pt")
     with pytest.raises(CliError, match="does not match metadata.json"):
         load_cache(cache_copy)
-    negatives = data.test_negatives.clone()
+    negatives = data.test_negatives.int()
     negatives[3, 7] = 200
     torch.save(negatives, cache_copy / "test_negatives.pt")
     with pytest.raises(CliError, match="ids outside its 60 users and 200 items"):

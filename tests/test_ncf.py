@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from convert import FORMAT_VERSION
 from neumf import NeuMF
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,7 +404,7 @@ def corrupt_cache(cache, trained, tmp):
 
 
 def old_version_cache(cache, trained, tmp):
-    return ["--data", copy_cache(cache, tmp, format_version=0)], ["cache format 0, expected 1"]
+    return ["--data", copy_cache(cache, tmp, format_version=0)], [f"cache format 0, expected {FORMAT_VERSION}"]
 
 
 def corrupt_checkpoint(cache, trained, tmp):

@@ -230,7 +230,7 @@ def handmade_data(n_users=30, n_items=120, valid_negative=100, seed=0, dense_use
         test.append((user, items[0]))
         train += [(user, item) for item in sorted(items[1:])]
     train, test = np.array(train), np.array(test)
-    negatives = sample_test_negatives(train[:, 0], train[:, 1], n_users, n_items, valid_negative, seed)
+    negatives = sample_test_negatives(train @ [n_items, 1], n_items, n_users, n_items, valid_negative, seed)
     meta = {"n_users": n_users, "n_items": n_items, "valid_negative": valid_negative, "seed": seed}
     return CachedData(*(torch.from_numpy(a).long() for a in (train, test, negatives)), meta)
 
