@@ -19,6 +19,7 @@ import argparse
 import csv
 import hashlib
 import json
+import mmap
 import os
 import pickle
 import re
@@ -113,7 +114,8 @@ def layout(path, fmt):
 
 
 def read_ratings(path, fmt):
-    """Read (users, items, timestamps) as numpy arrays; ids stay as in the file (int or str)."""
+    """Read the user, item and timestamp columns, each as a list of numpy arrays (the reader's blocks,
+    not copied into one array); ids stay as in the file (int or str)."""
     path = Path(path)
     if not path.is_file():
         raise CliError(f"ratings file {path} does not exist")
@@ -162,19 +164,34 @@ def read_ratings(path, fmt):
     users, items, times = (table.column(name) for name in include)
     if fmt == "custom":
         users, items = numeric_ids_if_possible(users), numeric_ids_if_possible(items)
-    # numpy's concatenation of the chunks is faster than pyarrow's to_numpy of the whole column
     users, items, times = (
-        np.concatenate([chunk.to_numpy(zero_copy_only=False) for chunk in column.chunks])
+        [chunk.to_numpy(zero_copy_only=False) for chunk in column.chunks if len(chunk)]
         for column in (users, items, times)
     )
-    if np.issubdtype(times.dtype, np.floating) and not np.isfinite(times).all():
-        line = line_number(path, int(np.flatnonzero(~np.isfinite(times))[0]), has_header)
-        raise CliError(f"{path}: line {line}: timestamp is not a finite number")
+    if times[0].dtype.kind == "f":
+        bad = rows_where(times, lambda chunk: ~np.isfinite(chunk))
+        if bad is not None:
+            raise CliError(f"{path}: line {line_number(path, bad, has_header)}: timestamp is not a finite number")
     for name, ids in (("user", users), ("item", items)):
-        if ids.dtype.kind == "i" and ids.min() < 0:
-            row = int(np.argmax(ids < 0))
-            raise CliError(f"{path}: line {line_number(path, row, has_header)}: negative {name} id {ids[row]}")
+        bad = rows_where(ids, lambda chunk: chunk < 0) if ids[0].dtype.kind == "i" else None
+        if bad is not None:
+            value = np.concatenate(ids)[bad]
+            raise CliError(f"{path}: line {line_number(path, bad, has_header)}: negative {name} id {value}")
     return users, items, times
+
+
+def chunk_starts(chunks):
+    """The row number of each chunk's first row."""
+    return np.cumsum([0] + [len(chunk) for chunk in chunks[:-1]])
+
+
+def rows_where(chunks, condition):
+    """The first row whose chunk element meets condition(chunk), or None."""
+    for start, chunk in zip(chunk_starts(chunks), chunks, strict=True):
+        hits = np.flatnonzero(condition(chunk))
+        if len(hits):
+            return int(start + hits[0])
+    return None
 
 
 def line_number(path, row, has_header):
@@ -237,11 +254,8 @@ def diagnose(path, fmt):
 
 
 def sha256_of(path, result):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 23):
-            digest.update(chunk)
-    result.append(digest.hexdigest())
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        result.append(hashlib.sha256(mapped).hexdigest())  # hashed where it lies: no copies of the file
 
 
 # --- processing -------------------------------------------------------------------------------
@@ -261,38 +275,52 @@ def bits(value):
     return max(1, int(value).bit_length())
 
 
-def factorize(ids):
-    """Dense ids in order of first appearance, and the raw id of each dense id (as pandas.factorize)."""
-    if ids.dtype.kind == "i" and ids.min() >= 0 and ids.max() < 2 * len(ids) + 2**20:
+def factorize(chunks):
+    """Dense ids in order of first appearance of one column (a list of chunks), and the raw id of each
+    dense id (as pandas.factorize)."""
+    n_rows = sum(len(chunk) for chunk in chunks)
+    integers = all(chunk.dtype.kind == "i" for chunk in chunks)
+    if (
+        integers
+        and min(chunk.min() for chunk in chunks) >= 0
+        and max(chunk.max() for chunk in chunks) < 2 * n_rows + 2**20
+    ):
         # small non-negative integers (MovieLens ids): index by value, several times faster than hashing
-        first_row = np.full(ids.max() + 1, len(ids))
-        for start in range(0, len(ids), CHUNK_ROWS):  # in chunks: no row-number array as long as the file
-            chunk = ids[start : start + CHUNK_ROWS]
+        first_row = np.full(max(chunk.max() for chunk in chunks) + 1, n_rows)
+        for start, chunk in zip(chunk_starts(chunks), chunks, strict=True):
             np.minimum.at(first_row, chunk, np.arange(start, start + len(chunk)))
-        uniques = np.flatnonzero(first_row < len(ids))
+        uniques = np.flatnonzero(first_row < n_rows)
         uniques = uniques[np.argsort(first_row[uniques])]
         dense = np.empty(len(first_row), np.int32)
         dense[uniques] = np.arange(len(uniques))
-        return dense[ids], uniques
+        codes = np.empty(n_rows, np.int32)
+        for start, chunk in zip(chunk_starts(chunks), chunks, strict=True):
+            np.take(dense, chunk, out=codes[start : start + len(chunk)])
+        return codes, uniques
     import pandas as pd  # only for ids that need hashing: importing it costs a quarter of a second
 
-    codes, uniques = pd.factorize(ids)
+    codes, uniques = pd.factorize(np.concatenate(chunks))
     return codes.astype(np.int32), uniques
 
 
-def filter_and_index(raw_users, raw_items, times, min_ratings):
+def filter_and_index(raw_users, raw_items, raw_times, min_ratings):
     """Drop light users, then give users and items dense ids in order of first appearance.
 
-    Returns users, items, the raw id of each dense user and item id, and the kept rows' timestamps.
+    The raw columns are lists of chunks. Returns users, items, the raw id of each dense user and
+    item id, and the kept rows' timestamps.
     """
     users, user_ids = factorize(raw_users)
-    kept_user = np.bincount(users) >= min_ratings
+    # in chunks: bincount would first copy all the int32 ids to int64
+    chunks = range(0, len(users), CHUNK_ROWS)
+    counts = sum(np.bincount(users[start : start + CHUNK_ROWS], minlength=len(user_ids)) for start in chunks)
+    kept_user = counts >= min_ratings
+    times = np.concatenate(raw_times)
     if not kept_user.any():
         raise CliError(f"no user has {min_ratings} or more ratings (--min_ratings); nothing to train on")
     if not kept_user.all():
         keep = kept_user[users]
         users = (np.cumsum(kept_user, dtype=np.int32) - 1)[users[keep]]
-        raw_items, times, user_ids = raw_items[keep], times[keep], user_ids[kept_user]
+        raw_items, times, user_ids = [np.concatenate(raw_items)[keep]], times[keep], user_ids[kept_user]
     items, item_ids = factorize(raw_items)
     return users, items, user_ids, item_ids, times
 
@@ -321,9 +349,11 @@ def latest_rows(users, times, n_users):
     """Each user's row with the largest timestamp, the later line winning a tie."""
     latest = np.full(n_users, times.min())
     np.maximum.at(latest, users, times)
-    candidates = np.flatnonzero(times == latest[users])
     last = np.full(n_users, -1)
-    np.maximum.at(last, users[candidates], candidates)
+    for start in range(0, len(users), CHUNK_ROWS):  # in chunks: no temporary as long as the file
+        chunk_users = users[start : start + CHUNK_ROWS]
+        candidates = np.flatnonzero(times[start : start + CHUNK_ROWS] == latest[chunk_users])
+        np.maximum.at(last, chunk_users[candidates], start + candidates)
     return last
 
 
@@ -354,7 +384,33 @@ def split_leave_one_out(users, items, times, n_users, n_items):
         test_rows = latest_rows(users, times, n_users)
     test_items = items[test_rows]
     test_keys = (np.arange(n_users) << item_bits) | test_items
-    return np.delete(keys, np.searchsorted(keys, test_keys)), test_items
+    return delete_in_place(keys, np.searchsorted(keys, test_keys)), test_items
+
+
+def delete_in_place(array, positions):
+    """array without the entries at the sorted positions, moved to the front of its own memory
+    (a copy would cost as much again: fresh memory is slow to fill on some machines)."""
+    kept = 0
+    for start in range(0, len(array), CHUNK_ROWS):
+        chunk = array[start : start + CHUNK_ROWS]
+        survives = np.ones(len(chunk), dtype=bool)
+        first, last = np.searchsorted(positions, [start, start + len(chunk)])
+        survives[positions[first:last] - start] = False
+        survivors = chunk[survives]  # a copy, made before the write, which never passes this chunk's start
+        array[kept : kept + len(survivors)] = survivors
+        kept += len(survivors)
+    return array[:kept]
+
+
+def pairs_in_place(keys, item_bits):
+    """keys (user << item_bits | item, int64) as an int32 [N, 2] array of (user, item) in their own memory."""
+    pairs = keys.view(np.int32).reshape(-1, 2)
+    for start in range(0, len(keys), CHUNK_ROWS):
+        chunk = keys[start : start + CHUNK_ROWS]
+        users, items = chunk >> item_bits, chunk & ((1 << item_bits) - 1)  # both before the chunk is overwritten
+        pairs[start : start + len(chunk), 0] = users
+        pairs[start : start + len(chunk), 1] = items
+    return pairs
 
 
 def nth_free_items(keys, stride, n_users, ranks):
@@ -365,7 +421,7 @@ def nth_free_items(keys, stride, n_users, ranks):
     for every rank at once by one searchsorted on the keys u * stride + (p_j - j), which are non-decreasing.
     """
     starts = np.searchsorted(keys, np.arange(n_users + 1) * stride)
-    found = np.empty(ranks.shape, dtype=np.int64)
+    found = np.empty_like(ranks)
 
     def search(first, last):
         # a block of users at a time, so that the block's keys stay in the cache
@@ -390,7 +446,8 @@ def sample_test_negatives(keys, stride, n_users, n_items, per_user, seed):
     each user's free items, then map them to items. Each user's negatives come sorted.
     """
     n_positives = np.diff(np.searchsorted(keys, np.arange(n_users + 1) * stride))
-    ranks = np.random.default_rng(seed).integers(0, n_items - n_positives[:, None], size=(n_users, per_user))
+    highs = n_items - n_positives[:, None]
+    ranks = np.random.default_rng(seed).integers(0, highs, size=(n_users, per_user), dtype=np.int32)
     ranks.sort(axis=1)  # sorted ranks make the searchsorted queries increasing: about twice as fast
     return nth_free_items(keys, stride, n_users, ranks)
 
@@ -402,15 +459,11 @@ def build(users_raw, items_raw, times_raw, min_ratings, valid_negative, seed):
         raise CliError(f"--valid_negative {valid_negative} must be smaller than the number of items ({n_items})")
     train_keys, test_items = split_leave_one_out(users, items, times, n_users, n_items)
     item_bits = bits(n_items - 1)
-    train = np.empty((len(train_keys), 2), dtype=np.int32)  # ids fit: half the bytes to write and load
-    np.right_shift(train_keys, item_bits, out=train[:, 0], casting="unsafe")
-    np.bitwise_and(train_keys, (1 << item_bits) - 1, out=train[:, 1], casting="unsafe")
+    negatives = sample_test_negatives(train_keys, 1 << item_bits, n_users, n_items, valid_negative, seed)
     return {
-        "train": train,
+        "train": pairs_in_place(train_keys, item_bits),  # int32: ids fit, half the bytes to write and load
         "test": np.stack([np.arange(n_users, dtype=np.int32), test_items], axis=1),
-        "negatives": sample_test_negatives(train_keys, 1 << item_bits, n_users, n_items, valid_negative, seed).astype(
-            np.int32
-        ),
+        "negatives": negatives,
         "user_ids": user_ids,
         "item_ids": item_ids,
     }
@@ -547,7 +600,7 @@ def main():
         "format": fmt,
         "source": Path(args.path).name,
         "source_sha256": digest[0],
-        "n_ratings_read": len(users),
+        "n_ratings_read": sum(len(chunk) for chunk in users),
         "n_users": len(cache["user_ids"]),
         "n_items": len(cache["item_ids"]),
         "n_train": len(cache["train"]),

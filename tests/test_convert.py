@@ -52,8 +52,14 @@ def load_cache(path):
 
 
 def build(users, items, times, min_ratings=1, valid_negative=1, seed=1):
-    """convert.build on in-memory columns (as read_ratings returns them)."""
-    return convert.build(np.asarray(users), np.asarray(items), np.asarray(times), min_ratings, valid_negative, seed)
+    """convert.build on in-memory columns, each in one chunk."""
+    columns = ([np.asarray(column)] for column in (users, items, times))
+    return convert.build(*columns, min_ratings, valid_negative, seed)
+
+
+def read_columns(path, fmt):
+    """read_ratings' columns, each joined into one array."""
+    return [np.concatenate(chunks) for chunks in convert.read_ratings(path, fmt)]
 
 
 def raw_test_items(cache):
@@ -123,7 +129,7 @@ def test_movielens_formats_parse_to_the_same_ratings(tmp_path, fmt, name):
     path = tmp_path / name
     path.write_text(ratings_text(fmt))
     assert convert.guess_format(path) == fmt
-    users, items, times = convert.read_ratings(path, fmt)
+    users, items, times = read_columns(path, fmt)
     assert users.tolist() == [r[0] for r in ROWS]
     assert items.tolist() == [r[1] for r in ROWS]
     assert times.tolist() == [r[3] for r in ROWS]
@@ -139,7 +145,7 @@ def test_custom_csv_variants(tmp_path, variant):
     path = tmp_path / "interactions.csv"
     path.write_bytes(CUSTOM_VARIANTS[variant].encode())
     assert convert.guess_format(path) == "custom"
-    users, items, times = convert.read_ratings(path, "custom")
+    users, items, times = read_columns(path, "custom")
     # without a header the first line is data (the reference drops it: a known bug)
     assert len(users) == len(ROWS)
     assert users.tolist() == [r[0] for r in ROWS]
@@ -292,6 +298,19 @@ def test_split_matches_a_naive_reference(grouped, times_kind):
     assert dict(enumerate(test_items.tolist())) == expected_test
 
 
+def test_delete_in_place_and_pairs_in_place(monkeypatch):
+    monkeypatch.setattr(convert, "CHUNK_ROWS", 7)  # many chunks, entries moving across chunk borders
+    rng = np.random.default_rng(4)
+    keys = np.sort(rng.choice(1 << 20, 100, replace=False)).astype(np.int64)
+    for positions in ([], [0], [99], [0, 1, 2, 50, 98, 99], np.sort(rng.choice(100, 40, replace=False))):
+        positions = np.array(positions, dtype=np.int64)
+        kept = convert.delete_in_place(keys.copy(), positions)
+        assert np.array_equal(kept, np.delete(keys, positions))
+        pairs = convert.pairs_in_place(kept, 10)
+        assert pairs.dtype == np.int32 and pairs.shape == (len(kept), 2)
+        assert np.array_equal(pairs, np.stack(np.divmod(np.delete(keys, positions), 1 << 10), axis=1))
+
+
 def test_sorted_pair_keys_in_both_code_paths():
     rng = np.random.default_rng(3)
     for users in (np.repeat(np.arange(5000), rng.integers(1, 6, 5000)), rng.integers(0, 5000, 15_000)):
@@ -353,7 +372,8 @@ def naive_negatives(train_sets, n_items, per_user, seed):
     """The contract spelled out: draw = the r-th item (in id order) that is not a training positive."""
     rng = np.random.default_rng(seed)
     allowed = [np.array(sorted(set(range(n_items)) - set(s))) for s in train_sets]
-    draws = rng.integers(0, np.array([len(a) for a in allowed])[:, None], size=(len(allowed), per_user))
+    highs = np.array([len(a) for a in allowed])[:, None]
+    draws = rng.integers(0, highs, size=(len(allowed), per_user), dtype=np.int32)
     draws.sort(axis=1)  # convert.py returns each user's draws in increasing order
     return np.stack([a[d] for a, d in zip(allowed, draws, strict=True)])
 
@@ -385,7 +405,7 @@ def test_negatives_never_hit_training_positives_and_have_the_right_shape():
     keys = random_train_pairs(rng, n_users, n_items, n_items - 1)
     negatives = convert.sample_test_negatives(keys, n_items, n_users, n_items, per_user, seed=1)
     assert negatives.shape == (n_users, per_user)
-    assert negatives.dtype == np.int64
+    assert negatives.dtype == np.int32
     assert negatives.min() >= 0 and negatives.max() < n_items
     negative_keys = np.arange(n_users)[:, None] * n_items + negatives
     assert not np.isin(negative_keys, keys).any()
@@ -870,9 +890,9 @@ def test_ml_1m_agrees_with_the_ncf_paper_test_file(shared_data, converted):
 def test_ml_latest_small_crlf(shared_data):
     path = shared_data / "ml-latest-small" / "ratings.csv"
     assert convert.guess_format(path) == "ml-20m"
-    users, items, times = convert.read_ratings(path, "ml-20m")
+    users, items, times = read_columns(path, "ml-20m")
     assert len(users) == 100_836
-    cache = convert.build(users, items, times, 20, 100, 1)
+    cache = build(users, items, times, 20, 100, 1)
     assert (len(cache["user_ids"]), len(cache["item_ids"]), len(cache["train"]), len(cache["test"])) == (
         610,
         9_724,

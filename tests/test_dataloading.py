@@ -284,7 +284,9 @@ def test_corrupt_metadata(cache_copy):
 
 def test_old_format_version(cache_copy):
     edit_metadata(cache_copy, format_version=0)
-    with pytest.raises(CliError, match=rf"another version of convert\.py \(cache format 0, expected {FORMAT_VERSION}\)"):
+    with pytest.raises(
+        CliError, match=rf"another version of convert\.py \(cache format 0, expected {FORMAT_VERSION}\)"
+    ):
         load_cache(cache_copy)
 
 
