@@ -19,7 +19,6 @@ import argparse
 import csv
 import hashlib
 import json
-import mmap
 import os
 import pickle
 import re
@@ -254,8 +253,11 @@ def diagnose(path, fmt):
 
 
 def sha256_of(path, result):
-    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        result.append(hashlib.sha256(mapped).hexdigest())  # hashed where it lies: no copies of the file
+    digest, buffer = hashlib.sha256(), memoryview(bytearray(1 << 20))  # one buffer: no allocation per read
+    with open(path, "rb", buffering=0) as file:
+        while size := file.readinto(buffer):
+            digest.update(buffer[:size])
+    result.append(digest.hexdigest())
 
 
 # --- processing -------------------------------------------------------------------------------

@@ -6,12 +6,15 @@
 
 Steps: write the synthetic CSV with synthetic.py (or reuse --csv when it exists; a --csv that does not
 exist yet is written there and kept), read it once to warm the page cache, then for each repeat
-  (a) time `pandas.read_csv(path)` (default engine, all columns) in a child process, around the call;
+  (a) run `pandas.read_csv(path)` (default engine, all columns) in a child process: the time of the
+      call alone, and the wall time of the whole process (interpreter start, `import pandas`, exit);
   (b) run `convert.py --format ml-20m` end to end as a child process: wall time and peak RSS.
 Each measured command runs under its own small wrapper process, so getrusage(RUSAGE_CHILDREN)
 there sees that command alone (not the generator, not the other measurement). Times are the best
 of the repeats, peak RSS the largest. The bars (issue "Speed and memory") are for the ml-20m preset:
-convert.py <= 60 s, <= 6 GB peak RSS, <= 2.5x the read_csv time.
+convert.py <= 60 s, <= 6 GB peak RSS, <= 2.5x the read_csv time. Two ratios are printed: convert.py's
+process against read_csv's process (like for like), and against the read_csv call alone (stricter:
+convert.py's interpreter start and imports count, read_csv's do not).
 """
 
 import argparse
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BARS = {"convert_s": 60.0, "convert_peak_rss_gb": 6.0, "ratio": 2.5}
+BARS = {"convert_s": 60.0, "convert_peak_rss_gb": 6.0, "ratio": 2.5, "ratio_to_call": 2.5}
 READ_CSV_CHILD = """
 import sys, time
 import pandas as pd
@@ -102,12 +105,13 @@ def run_benchmark(args, workdir):
     figures["csv_bytes"] = csv.stat().st_size
     warm_page_cache(csv)
 
-    read_s, read_rss, convert_s, convert_rss = [], [], [], []
+    read_s, read_process_s, read_rss, convert_s, convert_rss = [], [], [], [], []
     for repeat in range(args.repeats):
         status(f"[{repeat + 1}/{args.repeats}] pandas.read_csv ...")
         report = measure([sys.executable, "-c", READ_CSV_CHILD, csv])
         seconds, rows = report["stdout"].split()
         read_s.append(float(seconds))
+        read_process_s.append(report["wall_s"])
         read_rss.append(report["peak_rss_bytes"])
         figures["rows"] = int(rows)
 
@@ -123,13 +127,16 @@ def run_benchmark(args, workdir):
     figures |= {
         "repeats": args.repeats,
         "read_csv_runs_s": read_s,
+        "read_csv_process_runs_s": read_process_s,
         "convert_runs_s": convert_s,
         "read_csv_s": min(read_s),
+        "read_csv_process_s": min(read_process_s),
         "read_csv_peak_rss_gb": max(read_rss) / 1e9,
         "convert_s": min(convert_s),
         "convert_peak_rss_gb": max(convert_rss) / 1e9,
     }
-    figures["ratio"] = figures["convert_s"] / figures["read_csv_s"]
+    figures["ratio"] = figures["convert_s"] / figures["read_csv_process_s"]
+    figures["ratio_to_call"] = figures["convert_s"] / figures["read_csv_s"]
     figures["bars"] = BARS
     figures["meets_bars"] = {key: figures[key] <= bar for key, bar in BARS.items()}
     return figures
@@ -149,12 +156,15 @@ def print_table(figures):
         f"  synthetic.py (generate): {generate}",
         "",
         f"  {'measure':<28}{'measured':>12}{'bar':>10}{'ok':>6}",
-        f"  {'pandas.read_csv':<28}{figures['read_csv_s']:>10.2f} s{'':>10}{'':>6}",
+        f"  {'pandas.read_csv (call)':<28}{figures['read_csv_s']:>10.2f} s{'':>10}{'':>6}",
+        f"  {'pandas.read_csv (process)':<28}{figures['read_csv_process_s']:>10.2f} s{'':>10}{'':>6}",
         f"  {'pandas.read_csv peak RSS':<28}{figures['read_csv_peak_rss_gb']:>9.2f} GB{'':>10}{'':>6}",
         f"  {'convert.py end to end':<28}{figures['convert_s']:>10.2f} s{'<= 60 s':>10}{mark[ok['convert_s']]:>6}",
         f"  {'convert.py peak RSS':<28}{figures['convert_peak_rss_gb']:>9.2f} GB"
         f"{'<= 6 GB':>10}{mark[ok['convert_peak_rss_gb']]:>6}",
-        f"  {'convert / read_csv':<28}{figures['ratio']:>10.2f} x{'<= 2.5 x':>10}{mark[ok['ratio']]:>6}{note}",
+        f"  {'convert / read_csv process':<28}{figures['ratio']:>10.2f} x{'<= 2.5 x':>10}{mark[ok['ratio']]:>6}{note}",
+        f"  {'convert / read_csv call':<28}{figures['ratio_to_call']:>10.2f} x{'<= 2.5 x':>10}"
+        f"{mark[ok['ratio_to_call']]:>6}{note}",
     ]
     print("\n".join(rows))
 

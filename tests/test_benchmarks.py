@@ -63,10 +63,17 @@ def test_train_bench_refuses_impossible_settings(tiny_cache, flags, message):
 
 
 def test_convert_bench_prints_the_comparison(tmp_path):
-    result = run("benchmarks/convert_bench.py", "--preset", "ml-100k", "--workdir", tmp_path)
+    result = run(
+        "benchmarks/convert_bench.py", "--preset", "ml-100k", "--workdir", tmp_path, "--json", tmp_path / "convert.json"
+    )
     assert result.returncode == 0, result.stderr
-    for row in ("pandas.read_csv", "convert.py end to end", "convert.py peak RSS", "convert / read_csv"):
+    rows = ("read_csv (call)", "read_csv (process)", "end to end", "peak RSS", "read_csv process", "read_csv call")
+    for row in rows:
         assert row in result.stdout
+    figures = json.loads((tmp_path / "convert.json").read_text())
+    assert figures["ratio"] == pytest.approx(figures["convert_s"] / figures["read_csv_process_s"])
+    assert figures["read_csv_s"] < figures["read_csv_process_s"]  # the call is part of the process
+    assert figures["cache"]["n_users"] == 943
 
 
 def test_accuracy_bench_reports_per_epoch(shared_data, tmp_path):
