@@ -169,9 +169,13 @@ def evaluate(model, evaluator, args, autocast):
 
 
 def make_optimizer(model, args, device):
-    """Adam as the reference; fused (apex's FusedAdam when installed on CUDA, else torch's)."""
+    """Adam as the reference, fused: apex's FusedAdam when installed on CUDA, else torch's.
+
+    Not apex's with --amp on CUDA: GradScaler reads its inf check with .item(), a host sync every
+    step, unless the optimizer takes the check on the device, as torch's fused Adam does.
+    """
     settings = dict(lr=args.learning_rate, betas=(args.beta1, args.beta2), eps=args.eps)
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.amp:
         with contextlib.suppress(ImportError):
             from apex.optimizers import FusedAdam
 

@@ -12,12 +12,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+import ncf
 from convert import FORMAT_VERSION
 from neumf import NeuMF
 
@@ -511,3 +513,20 @@ def test_real_ml100k_smoke(shared_data, tmp_path):
     # HR ~0.10 +- 0.01 over 943 users, so 0.30 separates a working model from a broken one by far
     assert run.epochs[0]["hr@10"] > 0.30
     assert run.epochs[0]["ndcg@10"] > 0.15
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_apex_fused_adam_only_without_a_grad_scaler(monkeypatch, amp):
+    class FusedAdam(torch.optim.Adam):  # stands in for apex's
+        pass
+
+    monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
+    monkeypatch.setitem(sys.modules, "apex.optimizers", types.SimpleNamespace(FusedAdam=FusedAdam))
+    args = types.SimpleNamespace(learning_rate=1e-3, beta1=0.25, beta2=0.5, eps=1e-8, amp=amp)
+    model = torch.nn.Linear(2, 1)
+    on_cuda = ncf.make_optimizer(model, args, torch.device("cuda"))
+    # with --amp, GradScaler would sync with the host every step around apex's optimizer
+    assert type(on_cuda) is (torch.optim.Adam if amp else FusedAdam)
+    on_cpu = ncf.make_optimizer(model, args, torch.device("cpu"))
+    assert type(on_cpu) is torch.optim.Adam and on_cpu.defaults["fused"]
+    assert on_cpu.defaults["betas"] == (0.25, 0.5)
