@@ -1,7 +1,7 @@
 """Helpers shared by the scripts: user-facing errors, atomic writes, distributed set-up, logging.
 
 torch is imported inside the functions that use it: the data tools (convert.py, synthetic.py)
-import this module too, and convert.py loads torch in the background while it parses.
+import this module too and never need torch.
 """
 
 import datetime
@@ -34,6 +34,13 @@ def run_main(main):
         distributed = sys.modules.get("torch.distributed")  # None where torch is not (fully) loaded
         if getattr(distributed, "is_initialized", lambda: False)():
             distributed.destroy_process_group()
+
+
+def write_json(path, data):
+    """Write data as indented JSON, making the parent directory first (the benchmarks' --json)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def atomic_save(obj, path):

@@ -19,6 +19,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils import write_json  # noqa: E402
+
 DATASETS = {  # name: (file under shared/data, name convert.py expects, format)
     "ml-1m": ("ml-1m/ratings.PARTIAL-users-1-2999.dat", "ratings.dat", "ml-1m"),
     "ml-100k": ("ml-100k/u.data", "u.data", "ml-100k"),
@@ -90,9 +94,8 @@ def main():
             f"| {key} | {final['best_accuracy']:.4f} | {best['ndcg@10']:.4f} | {final['best_epoch']} | "
             f"{final['time_to_best_model']:.0f} | {per_epoch} |"
         )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    if args.json is not None:
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils import write_json  # noqa: E402
+
 BARS = {"convert_s": 60.0, "convert_peak_rss_gb": 6.0, "ratio": 2.5, "ratio_to_call": 2.5}
 READ_CSV_CHILD = """
 import sys, time
@@ -185,8 +189,7 @@ def main():
         shutil.rmtree(workdir, ignore_errors=True)
     print_table(figures)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(args.json, figures)
     if args.strict and not all(figures["meets_bars"].values()):
         sys.exit(1)
 

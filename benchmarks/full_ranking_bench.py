@@ -20,7 +20,6 @@ second. The issue's bar: full ranking on this file in under 5 s on a 2-core mach
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -37,7 +36,7 @@ import torch  # noqa: E402
 import ncf  # noqa: E402
 from dataloading import load_cache  # noqa: E402
 from neumf import NeuMF  # noqa: E402
-from utils import load_model_weights  # noqa: E402
+from utils import load_model_weights, write_json  # noqa: E402
 
 DEFAULT_RATINGS = ROOT.parent / "shared" / "data" / "ml-1m" / "ratings.PARTIAL-users-1-2999.dat"
 BAR_SECONDS = 5.0
@@ -156,9 +155,8 @@ def main():
             f"best full ranking: {best['seconds']:.2f} s ({best['precision']}, {best['threads']} thread(s), "
             f"batch {best['batch']}): {verdict} the {BAR_SECONDS:.0f} s bar; load average now {os.getloadavg()[0]:.1f}"
         )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.json is not None:
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ other, so the ratio holds on a noisy machine.
 """
 
 import argparse
-import json
 import resource
 import subprocess
 import sys
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import ncf  # noqa: E402
 from dataloading import EvalCandidates, TrainBatches, load_cache  # noqa: E402
 from neumf import NeuMF  # noqa: E402
-from utils import CliError, run_main  # noqa: E402
+from utils import CliError, run_main, write_json  # noqa: E402
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -170,9 +169,8 @@ def main():
         f"| {result['eval_samples_per_s']:,.0f} | {result['peak_host_rss_gb']:.2f} "
         f"| {'-' if device_memory is None else f'{device_memory:.2f}'} |"
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    if args.json is not None:
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -605,6 +605,11 @@ def test_a_crash_while_writing_leaves_the_old_cache_untouched(tmp_path, monkeypa
     assert leftovers(tmp_path, "cache") == []
 
 
+def keep_everything_into(output):
+    """Flags that convert {dir}/ratings.csv, keeping every user, into output."""
+    return ["--path", "{dir}/ratings.csv", "--min_ratings", "1", "--valid_negative", "1", "--output", output]
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 GOOD = "userId,movieId,rating,timestamp\n1,10,4.0,100\n1,20,4.0,101\n1,30,3.0,102\n2,10,1.0,100\n2,20,2.0,105\n"
@@ -687,30 +692,12 @@ BAD_INPUTS = {
     "no --path": ({}, [], "the following arguments are required: --path"),
     "unwritable output": (  # under a regular file: fails for root too, unlike a chmod-ed directory
         {"ratings.csv": GOOD, "a_file": "x"},
-        [
-            "--path",
-            "{dir}/ratings.csv",
-            "--min_ratings",
-            "1",
-            "--valid_negative",
-            "1",
-            "--output",
-            "{dir}/a_file/cache",
-        ],
+        keep_everything_into("{dir}/a_file/cache"),
         "cannot write",
     ),
     "output is a directory that is not a cache": (
         {"ratings.csv": GOOD, "my_documents/thesis.txt": "precious"},
-        [
-            "--path",
-            "{dir}/ratings.csv",
-            "--min_ratings",
-            "1",
-            "--valid_negative",
-            "1",
-            "--output",
-            "{dir}/my_documents",
-        ],
+        keep_everything_into("{dir}/my_documents"),
         "is not a data cache",
     ),
     "valid_negative equal to the number of items": (
