@@ -184,13 +184,27 @@ def test_custom_string_ids_round_trip_through_the_cache(tmp_path):
     )
 
 
+def test_ids_and_timestamps_beyond_32_bits(tmp_path):
+    # read as 32-bit columns first; these numbers make the reader start again with 64 bits
+    big_user, big_item, ms = 3_000_000_000, 2**40, 1_700_000_000_000
+    rows = [(big_user, big_item, 4, ms + 1), (big_user, 7, 4, ms), (5, big_item, 3, ms + 5), (5, 7, 3, ms + 2)]
+    path = tmp_path / "ratings.csv"
+    path.write_text(ratings_text("ml-20m", rows))
+    convert_ok("--path", path, "--output", tmp_path / "cache", "--min_ratings", "1", "--valid_negative", "1")
+    cache = load_cache(tmp_path / "cache")
+    assert cache["user_ids"] == [str(big_user), "5"]
+    assert cache["item_ids"] == [str(big_item), "7"]
+    assert cache["test"].tolist() == [[0, 0], [1, 0]]  # each user's latest: big_item for both
+    assert cache["train"].tolist() == [[0, 1], [1, 1]]
+
+
 def test_integer_id_maps_round_trip(tmp_path, monkeypatch, capsys):
     path = tmp_path / "ratings.dat"
     path.write_text(ratings_text("ml-1m"))
     out = tmp_path / "cache"
     args = ["--path", path, "--output", out, "--min_ratings", "3", "--valid_negative", "1"]
     monkeypatch.setattr(sys, "argv", ["convert.py", *map(str, args)])
-    run_main(convert.main)  # in process: the CLI's code path without a second torch import
+    run_main(convert.main)  # in process: the CLI's code path
     assert capsys.readouterr().out == f"{out}: 2 users, 3 items, 4 training and 2 test ratings\n"
     cache = load_cache(out)
     meta = cache["meta"]
