@@ -266,7 +266,7 @@ def sha256_of(path, result):
 def in_parallel(function, n):
     """Call function(first, last) on equal slices of range(n), one thread per core: numpy's sorts and
     searches release the GIL, so the slices run at the same time."""
-    workers = os.cpu_count() or 1
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     bounds = np.linspace(0, n, workers + 1).astype(np.int64)
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(function, bounds[:-1], bounds[1:]))  # list(): re-raise what a slice raised
