@@ -281,28 +281,29 @@ def factorize(chunks):
     """Dense ids in order of first appearance of one column (a list of chunks), and the raw id of each
     dense id (as pandas.factorize)."""
     n_rows = sum(len(chunk) for chunk in chunks)
-    integers = all(chunk.dtype.kind == "i" for chunk in chunks)
-    if (
-        integers
-        and min(chunk.min() for chunk in chunks) >= 0
-        and max(chunk.max() for chunk in chunks) < 2 * n_rows + 2**20
-    ):
-        # small non-negative integers (MovieLens ids): index by value, several times faster than hashing
-        first_row = np.full(max(chunk.max() for chunk in chunks) + 1, n_rows)
-        for start, chunk in zip(chunk_starts(chunks), chunks, strict=True):
-            np.minimum.at(first_row, chunk, np.arange(start, start + len(chunk)))
-        uniques = np.flatnonzero(first_row < n_rows)
-        uniques = uniques[np.argsort(first_row[uniques])]
-        dense = np.empty(len(first_row), np.int32)
-        dense[uniques] = np.arange(len(uniques))
-        codes = np.empty(n_rows, np.int32)
-        for start, chunk in zip(chunk_starts(chunks), chunks, strict=True):
-            np.take(dense, chunk, out=codes[start : start + len(chunk)])
-        return codes, uniques
+    if all(chunk.dtype.kind == "i" for chunk in chunks):
+        low, high = min(chunk.min() for chunk in chunks), max(chunk.max() for chunk in chunks)
+        if low >= 0 and high < 2 * n_rows + 2**20:  # small non-negative integers, as MovieLens ids
+            return factorize_by_value(chunks, n_rows, high)
     import pandas as pd  # only for ids that need hashing: importing it costs a quarter of a second
 
     codes, uniques = pd.factorize(np.concatenate(chunks))
     return codes.astype(np.int32), uniques
+
+
+def factorize_by_value(chunks, n_rows, high):
+    """factorize for ids in 0..high, by indexing on the id: several times faster than hashing."""
+    first_row = np.full(high + 1, n_rows)
+    for start, chunk in zip(chunk_starts(chunks), chunks, strict=True):
+        np.minimum.at(first_row, chunk, np.arange(start, start + len(chunk)))
+    uniques = np.flatnonzero(first_row < n_rows)
+    uniques = uniques[np.argsort(first_row[uniques])]
+    dense = np.empty(high + 1, np.int32)
+    dense[uniques] = np.arange(len(uniques))
+    codes = np.empty(n_rows, np.int32)
+    for start, chunk in zip(chunk_starts(chunks), chunks, strict=True):
+        np.take(dense, chunk, out=codes[start : start + len(chunk)])
+    return codes, uniques
 
 
 def filter_and_index(raw_users, raw_items, raw_times, min_ratings):
@@ -420,7 +421,7 @@ def nth_free_items(keys, stride, n_users, ranks):
 
     keys are the positives as user * stride + item (stride >= the number of items), sorted. With a
     user's positives sorted as p_0 < p_1 < ..., its r-th free item is r + #{j : p_j - j <= r}, found
-    for every rank at once by one searchsorted on the keys u * stride + (p_j - j), which are non-decreasing.
+    for many ranks at once by searchsorted on the keys u * stride + (p_j - j), which are non-decreasing.
     """
     starts = np.searchsorted(keys, np.arange(n_users + 1) * stride)
     found = np.empty_like(ranks)
