@@ -5,6 +5,7 @@ import this module too and never need torch.
 """
 
 import datetime
+import gc
 import json
 import os
 import sys
@@ -28,11 +29,13 @@ def run_main(main):
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
-        # on every path (test mode returns early; errors): a process group left to the interpreter's
-        # exit aborts the process ("terminate called without an active exception", SIGABRT) about half
-        # the time under torchrun
+        # On every path (test mode returns early; errors), leave the process group while the
+        # interpreter is whole. Left to the exit, gloo's worker threads may free tensors (and take
+        # the GIL) during finalization: "terminate called without an active exception", SIGABRT.
+        # gc.collect() first: the DDP model sits in a reference cycle that holds the group alive.
         distributed = sys.modules.get("torch.distributed")  # None where torch is not (fully) loaded
         if getattr(distributed, "is_initialized", lambda: False)():
+            gc.collect()
             distributed.destroy_process_group()
 
 
@@ -191,6 +194,11 @@ def make_logger(path, enabled):
     """DLLogger when it is installed (NVIDIA's containers), else the local writer of the same format."""
     if not enabled:
         return JsonLineLogger(None)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).open("a").close()
+    except OSError as error:
+        raise CliError(f"cannot write the log {path}: {error.strerror}") from None
     try:
         import dllogger
     except ImportError:

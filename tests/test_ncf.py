@@ -473,6 +473,19 @@ def test_bad_input_is_one_clean_line(case, tiny_cache, trained, tmp_path):
     assert {path: path.read_bytes() for path in tmp_path.glob("*.pth")} == before
 
 
+def test_log_path_in_a_new_directory_and_an_unwritable_one(tiny_cache, tmp_path):
+    run = run_ncf(
+        "--data", tiny_cache, *SMALL, "-e", 1, "--checkpoint_dir", tmp_path, log_path=tmp_path / "a" / "log.json"
+    )
+    run.expect_success()
+    assert run.final["best_epoch"] == 0
+    (tmp_path / "a_file").write_text("x")
+    run = run_ncf(
+        "--data", tiny_cache, *SMALL, "-e", 1, "--checkpoint_dir", tmp_path, log_path=tmp_path / "a_file" / "log"
+    )
+    assert_clean_error(run, "cannot write the log")
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path):
     for name in ("model.pth", "last.pth"):
         shutil.copy(trained.dir / name, tmp_path / name)
