@@ -340,7 +340,15 @@ def sorted_pair_keys(users, items, item_bits):
 
         def sort_blocks(first, last):
             for start, end in zip(bounds[first:last], bounds[first + 1 : last + 1], strict=True):
-                keys[start:end].sort()
+                block, low = keys[start:end], int(users[start]) << item_bits
+                if ((int(users[end - 1]) + 1) << item_bits) - low <= 2**31:
+                    # a block's keys less its first user's fit in 31 bits: int32 sorts ~1.7x faster
+                    relative = (block - low).astype(np.int32)
+                    relative.sort()
+                    block[:] = relative
+                    block += low
+                else:
+                    block.sort()
 
         in_parallel(sort_blocks, len(bounds) - 1)
     else:

@@ -325,13 +325,19 @@ def test_delete_in_place_and_pairs_in_place(monkeypatch):
         assert np.array_equal(pairs, np.stack(np.divmod(np.delete(keys, positions), 1 << 10), axis=1))
 
 
-def test_sorted_pair_keys_in_both_code_paths():
+def test_sorted_pair_keys_in_every_code_path():
     rng = np.random.default_rng(3)
-    for users in (np.repeat(np.arange(5000), rng.integers(1, 6, 5000)), rng.integers(0, 5000, 15_000)):
+    grouped = np.repeat(np.arange(5000), rng.integers(1, 6, 5000))
+    cases = [  # (users, item bits)
+        (grouped, 10),  # grouped, each block's keys fit 31 bits: int32 block sorts
+        (grouped, 28),  # grouped, too wide for that: int64 block sorts
+        (rng.integers(0, 5000, 15_000), 10),  # not grouped: one sort
+    ]
+    for users, item_bits in cases:
         users = users.astype(np.int32)
-        items = rng.integers(0, 1000, len(users)).astype(np.int32)
-        expected = np.sort((users.astype(np.int64) << 10) | items)
-        assert np.array_equal(convert.sorted_pair_keys(users, items, 10), expected)
+        items = rng.integers(0, 1 << item_bits, len(users)).astype(np.int32)
+        expected = np.sort((users.astype(np.int64) << item_bits) | items)
+        assert np.array_equal(convert.sorted_pair_keys(users, items, item_bits), expected)
 
 
 def test_save_tensor_files_load_in_torch(tmp_path):
