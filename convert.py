@@ -424,6 +424,11 @@ def pairs_in_place(keys, item_bits):
     return pairs
 
 
+def user_starts(keys, stride, n_users):
+    """[n_users + 1]: where each user's keys (user * stride + item, sorted) start, then their end."""
+    return np.searchsorted(keys, np.arange(n_users + 1) * stride)
+
+
 def nth_free_items(keys, stride, n_users, ranks):
     """For every user u and rank r in ranks[u], the r-th item (0-based) that is not one of u's positives.
 
@@ -431,7 +436,7 @@ def nth_free_items(keys, stride, n_users, ranks):
     user's positives sorted as p_0 < p_1 < ..., its r-th free item is r + #{j : p_j - j <= r}, found
     for many ranks at once by searchsorted on the keys u * stride + (p_j - j), which are non-decreasing.
     """
-    starts = np.searchsorted(keys, np.arange(n_users + 1) * stride)
+    starts = user_starts(keys, stride, n_users)
     found = np.empty_like(ranks)
 
     def search(first, last):
@@ -456,7 +461,7 @@ def sample_test_negatives(keys, stride, n_users, n_items, per_user, seed):
     keys: the training pairs as user * stride + item, sorted. No rejection loop: draw ranks among
     each user's free items, then map them to items. Each user's negatives come sorted.
     """
-    n_positives = np.diff(np.searchsorted(keys, np.arange(n_users + 1) * stride))
+    n_positives = np.diff(user_starts(keys, stride, n_users))
     highs = n_items - n_positives[:, None]
     ranks = np.random.default_rng(seed).integers(0, highs, size=(n_users, per_user), dtype=np.int32)
     ranks.sort(axis=1)  # sorted ranks make the searchsorted queries increasing: about twice as fast

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from convert import NEGATIVES_FILE, TEST_FILE, TRAIN_FILE, nth_free_items, read_metadata
+from convert import NEGATIVES_FILE, TEST_FILE, TRAIN_FILE, nth_free_items, read_metadata, user_starts
 from utils import CliError
 
 
@@ -208,7 +208,7 @@ def exact_test_negatives(data, per_user, seed):
     """
     n_users, n_items = data.n_users, data.n_items
     keys = np.sort(torch.cat([data.train, data.test]).numpy() @ np.array([n_items, 1]))
-    n_free = n_items - np.bincount(keys // n_items, minlength=n_users)
+    n_free = n_items - np.diff(user_starts(keys, n_items, n_users))
     if n_free.min() < per_user:
         user = int(np.argmin(n_free))
         raise CliError(
