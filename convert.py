@@ -165,6 +165,10 @@ def read_ratings(path, fmt):
     users, items, times = (table.column(name) for name in include)
     if fmt == "custom":
         users, items = numeric_ids_if_possible(users), numeric_ids_if_possible(items)
+        for name, ids in (("user", users), ("item", items)):
+            blank = first_blank(ids) if pa.types.is_string(ids.type) else None
+            if blank is not None:
+                raise CliError(f"{path}: line {line_number(path, blank, has_header)}: empty {name} id")
     users, items, times = (
         [to_numpy(chunk) for chunk in column.chunks if len(chunk)] for column in (users, items, times)
     )
@@ -222,6 +226,12 @@ def numeric_ids_if_possible(column):
         return pc.cast(column, pa.int64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return column
+
+
+def first_blank(strings):
+    """The first row of a string column that is empty or only spaces, or None."""
+    row = pc.index(pc.equal(pc.utf8_trim_whitespace(strings), ""), True).as_py()
+    return None if row < 0 else row
 
 
 def diagnose(path, fmt):
