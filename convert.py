@@ -181,6 +181,9 @@ def read_ratings(path, fmt):
         if bad is not None:
             value = np.concatenate(ids)[bad]
             raise CliError(f"{path}: line {line_number(path, bad, has_header)}: negative {name} id {value}")
+    # the reader's buffers are free now; hand them back (arrow's allocator keeps freed memory) so that
+    # the next allocations reuse warm pages: fresh memory is slow to get on some machines
+    pa.default_memory_pool().release_unused()
     return users, items, times
 
 
@@ -297,100 +300,128 @@ def bits(value):
     return max(1, int(value).bit_length())
 
 
-def factorize(chunks):
-    """Dense ids in order of first appearance of one column (a list of chunks), and the raw id of each
-    dense id (as pandas.factorize)."""
+def small_ids(chunks):
+    """The column as ids that can index a table, the table's size, and the raw id of each id (None: the
+    ids are the raw ids). MovieLens ids are small non-negative integers and index tables as they are;
+    other ids (strings, large numbers) are replaced by their pandas.factorize codes."""
     n_rows = sum(len(chunk) for chunk in chunks)
     if all(chunk.dtype.kind == "i" for chunk in chunks):
         low, high = min(chunk.min() for chunk in chunks), max(chunk.max() for chunk in chunks)
-        if low >= 0 and high < 2 * n_rows + 2**20:  # small non-negative integers, as MovieLens ids
-            return factorize_by_value(chunks, n_rows, high)
-    import pandas as pd  # only for ids that need hashing: importing it costs a quarter of a second
+        if low >= 0 and high < 2 * n_rows + 2**20:
+            return chunks, int(high) + 1, None
+    import pandas as pd  # only for ids that need hashing: importing it costs a fifth of a second
 
-    codes, uniques = pd.factorize(np.concatenate(chunks))
-    return codes.astype(np.int32), uniques
-
-
-def factorize_by_value(chunks, n_rows, high):
-    """factorize for ids in 0..high, by indexing on the id: several times faster than hashing."""
-    first_row = np.full(high + 1, n_rows)
-    for start, chunk in zip(chunk_starts(chunks), chunks, strict=True):
-        np.minimum.at(first_row, chunk, np.arange(start, start + len(chunk)))
-    uniques = np.flatnonzero(first_row < n_rows)
-    uniques = uniques[np.argsort(first_row[uniques])]
-    dense = np.empty(high + 1, np.int32)
-    dense[uniques] = np.arange(len(uniques))
-    codes = np.empty(n_rows, np.int32)
-    for start, chunk in zip(chunk_starts(chunks), chunks, strict=True):
-        np.take(dense, chunk, out=codes[start : start + len(chunk)])
-    return codes, uniques
+    codes, raw_ids = pd.factorize(np.concatenate(chunks))
+    return np.split(codes.astype(np.int32), chunk_starts(chunks)[1:]), len(raw_ids), raw_ids
 
 
-def filter_and_index(raw_users, raw_items, raw_times, min_ratings):
-    """Drop light users, then give users and items dense ids in order of first appearance.
+def first_appearances(chunks, size, kept_rows=None):
+    """The ids of a column (a list of chunks of ids below size) in order of first appearance.
 
-    The raw columns are lists of chunks. Returns users, items, the raw id of each dense user and
-    item id, and the kept rows' timestamps.
+    kept_rows: a boolean mask per chunk of the rows to look at (None: all).
     """
-    users, user_ids = factorize(raw_users)
-    # in chunks: bincount would first copy all the int32 ids to int64
-    chunks = range(0, len(users), CHUNK_ROWS)
-    counts = sum(np.bincount(users[start : start + CHUNK_ROWS], minlength=len(user_ids)) for start in chunks)
-    kept_user = counts >= min_ratings
-    times = np.concatenate(raw_times)
-    if not kept_user.any():
-        raise CliError(f"no user has {min_ratings} or more ratings (--min_ratings); nothing to train on")
-    if not kept_user.all():
-        keep = kept_user[users]
-        users = (np.cumsum(kept_user, dtype=np.int32) - 1)[users[keep]]
-        raw_items, times, user_ids = [np.concatenate(raw_items)[keep]], times[keep], user_ids[kept_user]
-    items, item_ids = factorize(raw_items)
-    return users, items, user_ids, item_ids, times
+    n_rows = sum(len(chunk) for chunk in chunks)
+    first_row = np.full(size, n_rows)
+    for index, (start, chunk) in enumerate(zip(chunk_starts(chunks), chunks, strict=True)):
+        rows = np.arange(start, start + len(chunk))
+        if kept_rows is not None:
+            chunk, rows = chunk[kept_rows[index]], rows[kept_rows[index]]
+        np.minimum.at(first_row, chunk, rows)
+    present = np.flatnonzero(first_row < n_rows)
+    return present[np.argsort(first_row[present])]
 
 
-def sorted_pair_keys(users, items, item_bits):
-    """user << item_bits | item of every row, sorted."""
-    keys = users.astype(np.int64)
-    keys <<= item_bits
-    keys |= items
-    if (users[1:] >= users[:-1]).all():
-        # rows grouped by user (MovieLens files are): sorting blocks of whole users, each small
-        # enough for the cache, is several times faster than one sort of everything
-        bounds = np.r_[np.unique(np.searchsorted(users, users[::SORT_BLOCK_ROWS])), len(keys)]
+def row_counts(chunks, size):
+    """How many rows hold each id of a column (a list of chunks of ids below size)."""
+    counts = np.zeros(size, np.int64)
+    for chunk in chunks:
+        np.add.at(counts, chunk, 1)
+    return counts
 
-        def sort_blocks(first, last):
-            for start, end in zip(bounds[first:last], bounds[first + 1 : last + 1], strict=True):
-                block, low = keys[start:end], int(users[start]) << item_bits
-                if ((int(users[end - 1]) + 1) << item_bits) - low <= 2**31:
-                    # a block's keys less its first user's fit in 31 bits: int32 sorts ~1.7x faster
-                    relative = (block - low).astype(np.int32)
-                    relative.sort()
-                    block[:] = relative
-                    block += low
-                else:
-                    block.sort()
 
-        in_parallel(sort_blocks, len(bounds) - 1)
-    else:
-        keys.sort()
+def dense_table(ids, size):
+    """table[id] = its position in ids, -1 for the ids not in it."""
+    table = np.full(size, -1, np.int64)
+    table[ids] = np.arange(len(ids))
+    return table
+
+
+def row_keys(users, items, user_table, item_table, kept_rows, item_bits):
+    """user << item_bits | item (dense ids) of every kept row, in file order."""
+    if kept_rows is not None:
+        users = [chunk[kept] for chunk, kept in zip(users, kept_rows, strict=True)]
+        items = [chunk[kept] for chunk, kept in zip(items, kept_rows, strict=True)]
+    starts = np.r_[chunk_starts(users), sum(len(chunk) for chunk in users)]
+    keys = np.empty(starts[-1], np.int64)
+
+    def fill(first, last):  # chunk by chunk, each in the cache
+        for index in range(first, last):
+            chunk_keys = keys[starts[index] : starts[index + 1]]
+            np.take(user_table, users[index], out=chunk_keys)
+            chunk_keys <<= item_bits
+            chunk_keys |= item_table[items[index]]
+
+    in_parallel(fill, len(users))
     return keys
 
 
-def latest_rows(users, times, n_users):
-    """Each user's row with the largest timestamp, the later line winning a tie."""
-    latest = np.full(n_users, times.min())
-    np.maximum.at(latest, users, times)
+def grouped_by_user(keys, item_bits):
+    """Whether each user's rows come together: with ids in order of first appearance, users never decrease."""
+    for start in range(0, len(keys), CHUNK_ROWS):  # in chunks: no temporary as long as the file
+        users = keys[start : start + CHUNK_ROWS + 1] >> item_bits
+        if (users[1:] < users[:-1]).any():
+            return False
+    return True
+
+
+def sort_pair_keys(keys, item_bits):
+    """Sort keys (user << item_bits | item) in place."""
+    if not grouped_by_user(keys, item_bits):
+        keys.sort()
+        return
+    # sorting blocks of whole users, each small enough for the cache, is several times faster than one
+    # sort of everything; a user's first row is found by searchsorted because all keys of the users
+    # before it are smaller and all keys from it on are not
+    user_bases = (keys[::SORT_BLOCK_ROWS] >> item_bits) << item_bits
+    bounds = np.r_[np.unique(np.searchsorted(keys, user_bases)), len(keys)]
+
+    def sort_blocks(first, last):
+        for start, end in zip(bounds[first:last], bounds[first + 1 : last + 1], strict=True):
+            block = keys[start:end]
+            low, high = (
+                (int(keys[start]) >> item_bits) << item_bits,
+                ((int(keys[end - 1]) >> item_bits) + 1) << item_bits,
+            )
+            if high - low <= 2**31:
+                # a block's keys less its first user's fit in 31 bits: int32 sorts ~1.7x faster
+                relative = (block - low).astype(np.int32)
+                relative.sort()
+                block[:] = relative
+                block += low
+            else:
+                block.sort()
+
+    in_parallel(sort_blocks, len(bounds) - 1)
+
+
+def latest_rows(keys, times, n_users, item_bits):
+    """Each user's row with the largest timestamp, the later line winning a tie.
+
+    keys: user << item_bits | item of every row in file order; times: their timestamps, a list of chunks.
+    """
+    latest = np.full(n_users, min(chunk.min() for chunk in times if len(chunk)))
+    for start, chunk in zip(chunk_starts(times), times, strict=True):
+        np.maximum.at(latest, keys[start : start + len(chunk)] >> item_bits, chunk)
     last = np.full(n_users, -1)
-    for start in range(0, len(users), CHUNK_ROWS):  # in chunks: no temporary as long as the file
-        chunk_users = users[start : start + CHUNK_ROWS]
-        candidates = np.flatnonzero(times[start : start + CHUNK_ROWS] == latest[chunk_users])
-        np.maximum.at(last, chunk_users[candidates], start + candidates)
+    for start, chunk in zip(chunk_starts(times), times, strict=True):
+        users = keys[start : start + len(chunk)] >> item_bits
+        candidates = np.flatnonzero(chunk == latest[users])
+        np.maximum.at(last, users[candidates], start + candidates)
     return last
 
 
-def earliest_of_each_pair(users, items, times, item_bits, repeated_keys):
-    """The rows to keep when some (user, item) pairs repeat: each pair's earliest row, ties to the earlier line."""
-    keys = (users.astype(np.int64) << item_bits) | items
+def earliest_of_each_pair(keys, times, repeated_keys):
+    """The rows to keep when some pairs repeat: each pair's earliest row, ties to the earlier line."""
     rows = np.flatnonzero(np.isin(keys, repeated_keys))
     rows = rows[np.lexsort((times[rows], keys[rows]))]  # by pair, then time, then line (lexsort is stable)
     later = np.r_[False, keys[rows[1:]] == keys[rows[:-1]]]
@@ -399,23 +430,22 @@ def earliest_of_each_pair(users, items, times, item_bits, repeated_keys):
     return np.flatnonzero(kept)
 
 
-def split_leave_one_out(users, items, times, n_users, n_items):
+def split_leave_one_out(keys, times, n_users, item_bits, keys_in_file_order):
     """Dedupe (keep the earliest) and hold out each user's latest interaction.
 
-    Returns the training keys (user << item_bits | item, sorted) and the test item of each user.
+    keys: user << item_bits | item of every row in file order, sorted here in place; times: the rows'
+    timestamps, a list of chunks; keys_in_file_order(): the keys made again, asked only when pairs
+    repeat. Returns the training keys (sorted, in keys' memory) and each user's test key.
     """
-    item_bits = bits(n_items - 1)
-    keys = sorted_pair_keys(users, items, item_bits)
+    test_keys = keys[latest_rows(keys, times, n_users, item_bits)]
+    sort_pair_keys(keys, item_bits)
     repeated = keys[1:] == keys[:-1]
     if repeated.any():
-        kept = earliest_of_each_pair(users, items, times, item_bits, np.unique(keys[1:][repeated]))
-        test_rows = kept[latest_rows(users[kept], times[kept], n_users)]
+        file_order, times = keys_in_file_order(), np.concatenate(times)
+        kept = earliest_of_each_pair(file_order, times, np.unique(keys[1:][repeated]))
+        test_keys = file_order[kept][latest_rows(file_order[kept], [times[kept]], n_users, item_bits)]
         keys = keys[np.r_[True, ~repeated]]
-    else:
-        test_rows = latest_rows(users, times, n_users)
-    test_items = items[test_rows]
-    test_keys = (np.arange(n_users) << item_bits) | test_items
-    return delete_in_place(keys, np.searchsorted(keys, test_keys)), test_items
+    return delete_in_place(keys, np.searchsorted(keys, test_keys)), test_keys
 
 
 def delete_in_place(array, positions):
@@ -488,20 +518,35 @@ def sample_test_negatives(keys, stride, n_users, n_items, per_user, seed):
     return nth_free_items(keys, stride, n_users, ranks)
 
 
-def build(users_raw, items_raw, times_raw, min_ratings, valid_negative, seed):
-    users, items, user_ids, item_ids, times = filter_and_index(users_raw, items_raw, times_raw, min_ratings)
-    n_users, n_items = len(user_ids), len(item_ids)
+def build(raw_users, raw_items, raw_times, min_ratings, valid_negative, seed):
+    """The cache's arrays from the raw columns (lists of chunks of equal lengths, one chunk per block of rows)."""
+    users, user_size, raw_user_ids = small_ids(raw_users)
+    items, item_size, raw_item_ids = small_ids(raw_items)
+    user_order = first_appearances(users, user_size)
+    kept_users = user_order[row_counts(users, user_size)[user_order] >= min_ratings]
+    if not len(kept_users):
+        raise CliError(f"no user has {min_ratings} or more ratings (--min_ratings); nothing to train on")
+    user_table = dense_table(kept_users, user_size)
+    kept_rows = None if len(kept_users) == len(user_order) else [user_table[chunk] >= 0 for chunk in users]
+    item_order = first_appearances(items, item_size, kept_rows)
+    n_users, n_items = len(kept_users), len(item_order)
     if valid_negative >= n_items:
         raise CliError(f"--valid_negative {valid_negative} must be smaller than the number of items ({n_items})")
-    train_keys, test_items = split_leave_one_out(users, items, times, n_users, n_items)
-    item_bits = bits(n_items - 1)
+    item_table, item_bits = dense_table(item_order, item_size), bits(n_items - 1)
+
+    def keys_in_file_order():
+        return row_keys(users, items, user_table, item_table, kept_rows, item_bits)
+
+    if kept_rows is not None:
+        raw_times = [chunk[kept] for chunk, kept in zip(raw_times, kept_rows, strict=True)]
+    train_keys, test_keys = split_leave_one_out(keys_in_file_order(), raw_times, n_users, item_bits, keys_in_file_order)
     negatives = sample_test_negatives(train_keys, 1 << item_bits, n_users, n_items, valid_negative, seed)
     return {
         "train": pairs_in_place(train_keys, item_bits),  # int32: ids fit, half the bytes to write and load
-        "test": np.stack([np.arange(n_users, dtype=np.int32), test_items], axis=1),
+        "test": pairs_in_place(test_keys, item_bits),
         "negatives": negatives,
-        "user_ids": user_ids,
-        "item_ids": item_ids,
+        "user_ids": kept_users if raw_user_ids is None else raw_user_ids[kept_users],
+        "item_ids": item_order if raw_item_ids is None else raw_item_ids[item_order],
     }
 
 
@@ -624,19 +669,23 @@ def main():
     if args.valid_negative < 1:
         raise CliError("--valid_negative must be at least 1")
     fmt = guess_format(args.path) if args.format == "auto" else args.format
-    users, items, times = read_ratings(args.path, fmt)
+    columns = read_ratings(args.path, fmt)
+    n_ratings_read = sum(len(chunk) for chunk in columns[0])
     # hash the file beside the processing, whose single-threaded steps leave a core free
     digest = []
     hasher = threading.Thread(target=sha256_of, args=(args.path, digest))
     hasher.start()
-    cache = build(users, items, times, args.min_ratings, args.valid_negative, args.seed)
+    cache = build(*columns, args.min_ratings, args.valid_negative, args.seed)
+    # free the file's columns before writing: the cache files' pages reuse their memory while it is warm
+    del columns
+    pa.default_memory_pool().release_unused()
     hasher.join()
     meta = {
         "format_version": FORMAT_VERSION,
         "format": fmt,
         "source": Path(args.path).name,
         "source_sha256": digest[0],
-        "n_ratings_read": sum(len(chunk) for chunk in users),
+        "n_ratings_read": n_ratings_read,
         "n_users": len(cache["user_ids"]),
         "n_items": len(cache["item_ids"]),
         "n_train": len(cache["train"]),

@@ -303,13 +303,34 @@ def test_split_matches_a_naive_reference(grouped, times_kind):
     times = rng.integers(0, 8, n_rows)
     times = {"int": times.astype(np.int32), "wide int": times * 2**40, "float": times / 3}[times_kind]
     present = np.unique(users)  # dense ids, as split_leave_one_out expects
-    users = np.searchsorted(present, users).astype(np.int32)
-    train_keys, test_items = convert.split_leave_one_out(users, items, times, len(present), n_items)
+    users = np.searchsorted(present, users)
     item_bits = convert.bits(n_items - 1)
+    keys = (users << item_bits) | items
+    time_chunks = np.split(times, [5, 1000, 1001, 7000])  # uneven chunks, one of a single row
+    train_keys, test_keys = convert.split_leave_one_out(
+        keys.copy(), time_chunks, len(present), item_bits, keys_in_file_order=keys.copy
+    )
     train = [(int(k) >> item_bits, int(k) & ((1 << item_bits) - 1)) for k in train_keys]
     expected_train, expected_test = naive_split(users.tolist(), items.tolist(), times.tolist())
     assert train == expected_train
-    assert dict(enumerate(test_items.tolist())) == expected_test
+    assert test_keys.tolist() == [(user << item_bits) | item for user, item in sorted(expected_test.items())]
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped by user", "shuffled"])
+def test_build_does_not_depend_on_how_the_columns_are_chunked(grouped, monkeypatch):
+    monkeypatch.setattr(convert, "CHUNK_ROWS", 100)  # grouped_by_user's chunks too
+    rng = np.random.default_rng(12)
+    n_rows = 5000
+    users = rng.integers(0, 400, n_rows) * 7  # sparse raw ids; some users below min_ratings
+    users = np.sort(users) if grouped else users
+    items = rng.integers(0, 60, n_rows) + 1000  # many repeated pairs
+    times = rng.integers(0, 50, n_rows)
+    whole = build(users, items, times, min_ratings=12, valid_negative=5)
+    assert 0 < len(whole["user_ids"]) < len(np.unique(users))  # the filter dropped some users
+    bounds = np.sort(rng.choice(np.arange(1, n_rows), 60, replace=False))
+    chunked = convert.build(*(np.split(column, bounds) for column in (users, items, times)), 12, 5, 1)
+    for name in ("train", "test", "negatives", "user_ids", "item_ids"):
+        assert np.array_equal(chunked[name], whole[name]), name
 
 
 def test_delete_in_place_and_pairs_in_place(monkeypatch):
@@ -325,19 +346,21 @@ def test_delete_in_place_and_pairs_in_place(monkeypatch):
         assert np.array_equal(pairs, np.stack(np.divmod(np.delete(keys, positions), 1 << 10), axis=1))
 
 
-def test_sorted_pair_keys_in_every_code_path():
+def test_sort_pair_keys_in_every_code_path():
     rng = np.random.default_rng(3)
     grouped = np.repeat(np.arange(5000), rng.integers(1, 6, 5000))
-    cases = [  # (users, item bits)
+    cases = [  # (users in file order, item bits)
         (grouped, 10),  # grouped, each block's keys fit 31 bits: int32 block sorts
         (grouped, 28),  # grouped, too wide for that: int64 block sorts
         (rng.integers(0, 5000, 15_000), 10),  # not grouped: one sort
     ]
     for users, item_bits in cases:
-        users = users.astype(np.int32)
-        items = rng.integers(0, 1 << item_bits, len(users)).astype(np.int32)
-        expected = np.sort((users.astype(np.int64) << item_bits) | items)
-        assert np.array_equal(convert.sorted_pair_keys(users, items, item_bits), expected)
+        keys = (users.astype(np.int64) << item_bits) | rng.integers(0, 1 << item_bits, len(users))
+        expected = np.sort(keys)
+        convert.sort_pair_keys(keys, item_bits)
+        assert np.array_equal(keys, expected)
+    assert convert.grouped_by_user(np.array([0, 5, 3, 1 << 10]), 10)
+    assert not convert.grouped_by_user(np.array([0, 1 << 10, 3]), 10)
 
 
 def test_save_tensor_files_load_in_torch(tmp_path):
