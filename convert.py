@@ -479,15 +479,15 @@ def user_starts(keys, stride, n_users):
     return np.searchsorted(keys, np.arange(n_users + 1) * stride)
 
 
-def nth_free_items(keys, stride, n_users, ranks):
-    """For every user u and rank r in ranks[u], the r-th item (0-based) that is not one of u's positives.
+def nth_free_items(keys, starts, stride, ranks):
+    """Replace every rank r in ranks[u] by the r-th item (0-based) that is not one of user u's positives.
 
-    keys are the positives as user * stride + item (stride >= the number of items), sorted. With a
-    user's positives sorted as p_0 < p_1 < ..., its r-th free item is r + #{j : p_j - j <= r}, found
-    for many ranks at once by searchsorted on the keys u * stride + (p_j - j), which are non-decreasing.
+    keys are the positives as user * stride + item (stride >= the number of items), sorted, and starts
+    where each user's keys start (user_starts). With a user's positives sorted as p_0 < p_1 < ..., its
+    r-th free item is r + #{j : p_j - j <= r}, found for many ranks at once by searchsorted on the keys
+    u * stride + (p_j - j), which are non-decreasing. Returns ranks, overwritten: no second array
+    as large to fill.
     """
-    starts = user_starts(keys, stride, n_users)
-    found = np.empty_like(ranks)
 
     def search(first, last):
         # a block of users at a time, so that the block's keys stay in the cache
@@ -498,11 +498,10 @@ def nth_free_items(keys, stride, n_users, ranks):
             shifted = keys[starts[low] : starts[high]] - rank_in_user
             queries = ranks[low:high] + (np.arange(low, high) * stride)[:, None]
             # the count of shifted keys <= a query takes in the block's earlier users: subtract them
-            below = np.searchsorted(shifted, queries, side="right") - block_starts[:-1, None]
-            found[low:high] = ranks[low:high] + below
+            ranks[low:high] += np.searchsorted(shifted, queries, side="right") - block_starts[:-1, None]
 
-    in_parallel(search, n_users)
-    return found
+    in_parallel(search, len(ranks))
+    return ranks
 
 
 def sample_test_negatives(keys, stride, n_users, n_items, per_user, seed):
@@ -511,11 +510,11 @@ def sample_test_negatives(keys, stride, n_users, n_items, per_user, seed):
     keys: the training pairs as user * stride + item, sorted. No rejection loop: draw ranks among
     each user's free items, then map them to items. Each user's negatives come sorted.
     """
-    n_positives = np.diff(user_starts(keys, stride, n_users))
-    highs = n_items - n_positives[:, None]
+    starts = user_starts(keys, stride, n_users)
+    highs = n_items - np.diff(starts)[:, None]
     ranks = np.random.default_rng(seed).integers(0, highs, size=(n_users, per_user), dtype=np.int32)
     ranks.sort(axis=1)  # sorted ranks make the searchsorted queries increasing: about twice as fast
-    return nth_free_items(keys, stride, n_users, ranks)
+    return nth_free_items(keys, starts, stride, ranks)
 
 
 def build(raw_users, raw_items, raw_times, min_ratings, valid_negative, seed):

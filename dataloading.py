@@ -208,7 +208,8 @@ def exact_test_negatives(data, per_user, seed):
     """
     n_users, n_items = data.n_users, data.n_items
     keys = np.sort(torch.cat([data.train, data.test]).numpy() @ np.array([n_items, 1]))
-    n_free = n_items - np.diff(user_starts(keys, n_items, n_users))
+    starts = user_starts(keys, n_items, n_users)
+    n_free = n_items - np.diff(starts)
     if n_free.min() < per_user:
         user = int(np.argmin(n_free))
         raise CliError(
@@ -216,7 +217,7 @@ def exact_test_negatives(data, per_user, seed):
             f"user {user} has only {n_free[user]}"
         )
     ranks = np.sort(distinct_draws(np.random.default_rng(seed), n_free, per_user), axis=1)
-    return torch.from_numpy(nth_free_items(keys, n_items, n_users, ranks))
+    return torch.from_numpy(nth_free_items(keys, starts, n_items, ranks))
 
 
 def distinct_draws(rng, highs, k):

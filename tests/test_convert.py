@@ -378,8 +378,8 @@ def test_numeric_files_convert_without_torch_or_pandas(tmp_path):
     ratings = tmp_path / "ratings.csv"
     ratings.write_text("userId,movieId,rating,timestamp\n" + "".join(f"1,{i},4.0,{i}\n" for i in range(30)))
     code = (
-        "import sys; sys.argv = ['convert.py', '--path', sys.argv[1], '--output', sys.argv[2], '--valid_negative', '5'];"
-        "import convert;"
+        "import sys; sys.argv = ['convert.py', '--path', sys.argv[1], '--output', sys.argv[2],"
+        "'--valid_negative', '5']; import convert;"
         "convert.main(); print(sorted(m for m in ('pandas', 'torch') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code, ratings, tmp_path / "cache"], cwd=ROOT, capture_output=True)
