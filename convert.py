@@ -466,11 +466,15 @@ def delete_in_place(array, positions):
 def pairs_in_place(keys, item_bits):
     """keys (user << item_bits | item, int64) as an int32 [N, 2] array of (user, item) in their own memory."""
     pairs = keys.view(np.int32).reshape(-1, 2)
-    for start in range(0, len(keys), CHUNK_ROWS):
-        chunk = keys[start : start + CHUNK_ROWS]
-        users, items = chunk >> item_bits, chunk & ((1 << item_bits) - 1)  # both before the chunk is overwritten
-        pairs[start : start + len(chunk), 0] = users
-        pairs[start : start + len(chunk), 1] = items
+
+    def split(first, last):  # each key turns into the pair in its own 8 bytes: slices are independent
+        for start in range(first, last, CHUNK_ROWS):
+            chunk = keys[start : min(start + CHUNK_ROWS, last)]
+            users, items = chunk >> item_bits, chunk & ((1 << item_bits) - 1)  # both before the chunk is overwritten
+            pairs[start : start + len(chunk), 0] = users
+            pairs[start : start + len(chunk), 1] = items
+
+    in_parallel(split, len(keys))
     return pairs
 
 
