@@ -42,6 +42,7 @@ FORMAT_VERSION = 2  # 2: int32 tensors (1: int64)
 SORT_BLOCK_ROWS = 4096  # rows per block when sorting a file grouped by user
 CHUNK_ROWS = 1 << 20  # rows per chunk of the steps that work chunk by chunk
 SEARCH_BLOCK_USERS = 1024  # users per block when mapping ranks to free items
+DRAW_BLOCK_USERS = 4096  # users per random stream of the test negatives (part of what a seed means)
 FORMATS = ("ml-20m", "ml-1m", "ml-100k", "custom")
 TRAIN_FILE = "train_ratings.pt"
 TEST_FILE = "test_ratings.pt"
@@ -515,9 +516,19 @@ def sample_test_negatives(keys, stride, n_users, n_items, per_user, seed):
     each user's free items, then map them to items. Each user's negatives come sorted.
     """
     starts = user_starts(keys, stride, n_users)
-    highs = n_items - np.diff(starts)[:, None]
-    ranks = np.random.default_rng(seed).integers(0, highs, size=(n_users, per_user), dtype=np.int32)
-    ranks.sort(axis=1)  # sorted ranks make the searchsorted queries increasing: about twice as fast
+    highs = n_items - np.diff(starts)
+    ranks = np.empty((n_users, per_user), np.int32)
+    streams = np.random.SeedSequence(seed).spawn(-(-n_users // DRAW_BLOCK_USERS))
+
+    def draw(first, last):
+        # each block of users from its own stream of the seed: the same draw on any number of cores
+        for block in range(first, last):
+            low, high = block * DRAW_BLOCK_USERS, min((block + 1) * DRAW_BLOCK_USERS, n_users)
+            rng = np.random.default_rng(streams[block])
+            ranks[low:high] = rng.integers(0, highs[low:high, None], size=(high - low, per_user), dtype=np.int32)
+            ranks[low:high].sort(axis=1)  # sorted ranks make the searches increasing: about twice as fast
+
+    in_parallel(draw, len(streams))
     return nth_free_items(keys, starts, stride, ranks)
 
 

@@ -8,7 +8,8 @@ Steps: write the synthetic CSV with synthetic.py (or reuse --csv when it exists;
 exist yet is written there and kept), read it once to warm the page cache, then for each repeat
   (a) run `pandas.read_csv(path)` (default engine, all columns) in a child process: the time of the
       call alone, and the wall time of the whole process (interpreter start, `import pandas`, exit);
-  (b) run `convert.py --format ml-20m` end to end as a child process: wall time and peak RSS.
+  (b) run `convert.py --format ml-20m` end to end as a child process: wall time and peak RSS;
+(a) then (b) in the first, third, ... repeat, (b) then (a) in the second, fourth, ...
 Each measured command runs under its own small wrapper process, so getrusage(RUSAGE_CHILDREN)
 there sees that command alone (not the generator, not the other measurement). Times are the best
 of the repeats, peak RSS the largest. The bars (issue "Speed and memory") are for the ml-20m preset:
@@ -110,7 +111,8 @@ def run_benchmark(args, workdir):
     warm_page_cache(csv)
 
     read_s, read_process_s, read_rss, convert_s, convert_rss = [], [], [], [], []
-    for repeat in range(args.repeats):
+
+    def measure_read_csv():
         status(f"[{repeat + 1}/{args.repeats}] pandas.read_csv ...")
         report = measure([sys.executable, "-c", READ_CSV_CHILD, csv])
         seconds, rows = report["stdout"].split()
@@ -119,6 +121,7 @@ def run_benchmark(args, workdir):
         read_rss.append(report["peak_rss_bytes"])
         figures["rows"] = int(rows)
 
+    def measure_convert():
         status(f"[{repeat + 1}/{args.repeats}] convert.py ...")
         output = workdir / f"cache-{repeat}"
         report = measure([sys.executable, "convert.py", "--path", csv, "--format", "ml-20m", "--output", output])
@@ -127,6 +130,13 @@ def run_benchmark(args, workdir):
         meta = json.loads((output / "metadata.json").read_text())
         figures["cache"] = {key: meta[key] for key in ("n_users", "n_items", "n_train", "n_test", "valid_negative")}
         shutil.rmtree(output)
+
+    for repeat in range(args.repeats):
+        # the order alternates: a command runs slower right after one that freed much memory (on VMs
+        # whose host takes freed memory back), and neither should always be the one that follows
+        steps = (measure_read_csv, measure_convert) if repeat % 2 == 0 else (measure_convert, measure_read_csv)
+        for step in steps:
+            step()
 
     figures |= {
         "repeats": args.repeats,

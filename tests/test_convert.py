@@ -426,12 +426,17 @@ def random_train_pairs(rng, n_users, n_items, max_per_user):
 
 
 def naive_negatives(train_sets, n_items, per_user, seed):
-    """The contract spelled out: draw = the r-th item (in id order) that is not a training positive."""
-    rng = np.random.default_rng(seed)
+    """The contract spelled out: draw = the r-th item (in id order) that is not a training positive, the
+    ranks r of each block of DRAW_BLOCK_USERS users drawn from its own stream spawned from the seed."""
     allowed = [np.array(sorted(set(range(n_items)) - set(s))) for s in train_sets]
     highs = np.array([len(a) for a in allowed])[:, None]
-    draws = rng.integers(0, highs, size=(len(allowed), per_user), dtype=np.int32)
-    draws.sort(axis=1)  # convert.py returns each user's draws in increasing order
+    block = convert.DRAW_BLOCK_USERS
+    streams = np.random.SeedSequence(seed).spawn(math.ceil(len(allowed) / block))
+    draws = []
+    for i, stream in enumerate(streams):
+        block_highs = highs[i * block : (i + 1) * block]
+        draws.append(np.random.default_rng(stream).integers(0, block_highs, (len(block_highs), per_user), np.int32))
+    draws = np.sort(np.concatenate(draws), axis=1)  # convert.py returns each user's draws in increasing order
     return np.stack([a[d] for a, d in zip(allowed, draws, strict=True)])
 
 
@@ -447,7 +452,11 @@ def test_sample_test_negatives_matches_a_naive_reference_on_every_small_training
         assert set(negatives[user].tolist()) == set(range(n_items)) - set(subset)
 
 
-def test_sample_test_negatives_matches_the_naive_reference_on_random_sets():
+@pytest.mark.parametrize("cores", [1, 3])
+def test_sample_test_negatives_matches_the_naive_reference_on_random_sets(cores, monkeypatch):
+    # several random streams (blocks of 7 users), drawn on 1 or 3 threads: always the same draw
+    monkeypatch.setattr(convert, "DRAW_BLOCK_USERS", 7)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     rng = np.random.default_rng(5)
     n_users, n_items = 60, 40
     keys = random_train_pairs(rng, n_users, n_items, n_items - 1)
