@@ -389,11 +389,9 @@ def sort_pair_keys(keys, item_bits):
     def sort_blocks(first, last):
         for start, end in zip(bounds[first:last], bounds[first + 1 : last + 1], strict=True):
             block = keys[start:end]
-            low, high = (
-                (int(keys[start]) >> item_bits) << item_bits,
-                ((int(keys[end - 1]) >> item_bits) + 1) << item_bits,
-            )
-            if high - low <= 2**31:
+            first_user, last_user = int(keys[start]) >> item_bits, int(keys[end - 1]) >> item_bits
+            low = first_user << item_bits
+            if (last_user + 1 - first_user) << item_bits <= 2**31:
                 # a block's keys less its first user's fit in 31 bits: int32 sorts ~1.7x faster
                 relative = (block - low).astype(np.int32)
                 relative.sort()
@@ -444,7 +442,8 @@ def split_leave_one_out(keys, times, n_users, item_bits, keys_in_file_order):
     if repeated.any():
         file_order, times = keys_in_file_order(), np.concatenate(times)
         kept = earliest_of_each_pair(file_order, times, np.unique(keys[1:][repeated]))
-        test_keys = file_order[kept][latest_rows(file_order[kept], [times[kept]], n_users, item_bits)]
+        kept_keys = file_order[kept]
+        test_keys = kept_keys[latest_rows(kept_keys, [times[kept]], n_users, item_bits)]
         keys = keys[np.r_[True, ~repeated]]
     return delete_in_place(keys, np.searchsorted(keys, test_keys)), test_keys
 
