@@ -14,6 +14,9 @@ for precision in fp16 bf16 fp32; do
     python benchmarks/train_bench.py --device cuda --preset ml-20m --workdir "$work" --batch_size 1048576 \
         --epochs 3 --precision "$precision" --json "$out/train-synthetic-ml-20m-$precision.json"
 done
+# does compiling the step pay on the GPU? (on the CPU it does not: see README)
+python benchmarks/train_bench.py --device cuda --preset ml-20m --workdir "$work" --batch_size 1048576 \
+    --epochs 3 --precision fp16 --compile --json "$out/train-synthetic-ml-20m-fp16-compiled.json"
 python inference.py --device cuda --log_path "$out/inference-tf32.json"
 python inference.py --device cuda --fp16 --log_path "$out/inference-fp16.json"
 python inference.py --device cuda --bf16 --log_path "$out/inference-bf16.json"

@@ -46,6 +46,7 @@ def parse_args():
     parser.add_argument("--epochs", type=int, default=1, help="timed pipeline epochs")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--dropout", type=float, default=0.5)
+    parser.add_argument("--compile", action="store_true", help="train a torch.compile'd model (pipeline and bare step)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args()
 
@@ -110,13 +111,14 @@ def measure(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     batches = TrainBatches(data.train, data.n_items, 4, args.batch_size, 0, 1, device)
     no_progress = type("NoProgress", (), {"update": lambda self: None})()
+    trained = torch.compile(model) if args.compile else model  # compiled by the warm-up steps
 
     warmup = batches.epoch(seed=0)[:3]
-    ncf.train_epoch(model, optimizer, scaler, warmup, settings, autocast, no_progress)
+    ncf.train_epoch(trained, optimizer, scaler, warmup, settings, autocast, no_progress)
     synchronize(device)
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        ncf.train_epoch(model, optimizer, scaler, batches.epoch(seed=epoch + 1), settings, autocast, no_progress)
+        ncf.train_epoch(trained, optimizer, scaler, batches.epoch(seed=epoch + 1), settings, autocast, no_progress)
     synchronize(device)
     pipeline_seconds = time.perf_counter() - start
     steps = len(batches) * args.epochs
@@ -124,7 +126,7 @@ def measure(args):
 
     full_batch = warmup[0]
     start = time.perf_counter()
-    ncf.train_epoch(model, optimizer, scaler, [full_batch] * steps, settings, autocast, no_progress)
+    ncf.train_epoch(trained, optimizer, scaler, [full_batch] * steps, settings, autocast, no_progress)
     synchronize(device)
     bare = steps * len(full_batch[0]) / (time.perf_counter() - start)
 
@@ -141,6 +143,7 @@ def measure(args):
         "items": data.n_items,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "precision": args.precision,
+        "compiled": args.compile,
         "batch_size": args.batch_size,
         "epoch_seconds": pipeline_seconds / args.epochs,
         "pipeline_samples_per_s": pipeline,
@@ -163,7 +166,8 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     device_memory = result["peak_device_memory_gb"]
     print(
-        f"| {result['precision']} | {result['batch_size']:,} | {result['epoch_seconds']:.2f} "
+        f"| {result['precision']}{' compiled' if result['compiled'] else ''} | {result['batch_size']:,} "
+        f"| {result['epoch_seconds']:.2f} "
         f"| {result['pipeline_samples_per_s']:,.0f} | {result['bare_step_samples_per_s']:,.0f} "
         f"| {result['pipeline_over_bare']:.2f} | {result['eval_seconds']:.2f} | {result['eval_users_per_s']:,.0f} "
         f"| {result['eval_samples_per_s']:,.0f} | {result['peak_host_rss_gb']:.2f} "

@@ -33,13 +33,19 @@ def table(stdout):
     return header, rows
 
 
-def test_train_bench_prints_every_column(tiny_cache, tmp_path):
-    result = run("benchmarks/train_bench.py", "--data", tiny_cache, "--batch_size", 1024, "--json", tmp_path / "r.json")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_train_bench_prints_every_column(tiny_cache, tmp_path, compiled):
+    flags = ["--compile"] if compiled else []
+    result = run(
+        "benchmarks/train_bench.py", "--data", tiny_cache, "--batch_size", 1024, "--json", tmp_path / "r.json", *flags
+    )
     assert result.returncode == 0, result.stderr
     header, rows = table(result.stdout)
     assert header == TRAIN_COLUMNS
     assert len(rows) == 1 and len(rows[0]) == len(TRAIN_COLUMNS)
+    assert rows[0][0] == ("fp32 compiled" if compiled else "fp32")
     figures = json.loads((tmp_path / "r.json").read_text())
+    assert figures["compiled"] is compiled
     for key in ("pipeline_samples_per_s", "bare_step_samples_per_s", "eval_samples_per_s", "peak_host_rss_gb"):
         assert figures[key] > 0
     assert figures["pipeline_over_bare"] == pytest.approx(
