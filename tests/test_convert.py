@@ -316,14 +316,20 @@ def test_split_matches_a_naive_reference(grouped, times_kind):
     assert test_keys.tolist() == [(user << item_bits) | item for user, item in sorted(expected_test.items())]
 
 
+@pytest.mark.parametrize("ids", ["small ints", "strings"])
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped by user", "shuffled"])
-def test_build_does_not_depend_on_how_the_columns_are_chunked(grouped, monkeypatch):
+def test_build_does_not_depend_on_how_the_columns_are_chunked(grouped, ids, monkeypatch):
     monkeypatch.setattr(convert, "CHUNK_ROWS", 100)  # grouped_by_user's chunks too
     rng = np.random.default_rng(12)
     n_rows = 5000
     users = rng.integers(0, 400, n_rows) * 7  # sparse raw ids; some users below min_ratings
     users = np.sort(users) if grouped else users
     items = rng.integers(0, 60, n_rows) + 1000  # many repeated pairs
+    if ids == "strings":  # indexed through pandas.factorize codes instead of by value
+        users, items = (
+            np.array([f"u{u}" for u in users], dtype=object),
+            np.array([f"i{i}" for i in items], dtype=object),
+        )
     times = rng.integers(0, 50, n_rows)
     whole = build(users, items, times, min_ratings=12, valid_negative=5)
     assert 0 < len(whole["user_ids"]) < len(np.unique(users))  # the filter dropped some users
