@@ -210,9 +210,18 @@ def epoch_seed(seed, epoch):
     return seed * 1_000_003 + epoch
 
 
-def save_training_state(path, model, optimizer, scaler, epoch, seed, best, data, run_time):
+# The flags a run is made of: --resume refuses to continue a run under other values, which would
+# either not apply (the optimizer state holds the run's learning rate and betas) or make another run.
+RUN_FLAGS = (
+    "factors", "layers", "dropout", "batch_size", "negative_samples", "grads_accumulated",
+    "learning_rate", "beta1", "beta2", "eps", "amp",
+)  # fmt: skip
+
+
+def save_training_state(path, model, optimizer, scaler, epoch, seed, best, data, run_time, args):
     atomic_save(
         {
+            "flags": {name: getattr(args, name) for name in RUN_FLAGS},
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
@@ -226,11 +235,21 @@ def save_training_state(path, model, optimizer, scaler, epoch, seed, best, data,
     )
 
 
-def load_training_state(path, model, optimizer, scaler, data):
+def load_training_state(path, model, optimizer, scaler, data, args):
     state = read_checkpoint(path)
-    load_model_weights(model, path, model_state(state, path))
     if state.get("data_sha256") != data.meta["source_sha256"]:
         raise CliError(f"{path} was trained on another dataset than --data; start a new run without --resume")
+    saved = state.get("flags", {})  # absent from checkpoints written before the flags were saved
+    other = [
+        f"--{name} {getattr(args, name)} (the run has {saved[name]})"
+        for name in RUN_FLAGS
+        if name in saved and saved[name] != getattr(args, name)
+    ]
+    if args.seed is not None and args.seed != state.get("seed"):
+        other.append(f"--seed {args.seed} (the run has {state.get('seed')})")
+    if other:
+        raise CliError(f"{path} is another run: {', '.join(other)}; resume with the run's settings or start a new run")
+    load_model_weights(model, path, model_state(state, path))
     try:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -266,7 +285,7 @@ def train(model, evaluator, data, seed, args, autocast, device, rank, world_size
     first_epoch, best, run_time = 0, {"hr": -1.0, "epoch": -1, "time": 0.0}, 0.0
     if args.resume:
         first_epoch, seed, best, run_time = load_training_state(
-            checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, data
+            checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, data, args
         )
         log(f"resuming after epoch {first_epoch - 1} (best HR@{args.topk} {best['hr']:.4f})")
     elif args.load_checkpoint_path:
@@ -325,7 +344,7 @@ def train(model, evaluator, data, seed, args, autocast, device, rank, world_size
                 atomic_save(model.state_dict(), checkpoint_dir / BEST_CHECKPOINT)
         if rank == 0:
             save_training_state(
-                checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, epoch, seed, best, data, run_time
+                checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, epoch, seed, best, data, run_time, args
             )
         if hr >= args.threshold:
             target_time = run_time

@@ -449,6 +449,16 @@ def resume_on_another_dataset(cache, trained, tmp):
     return ["--data", other, "-e", 5, "--resume", "--checkpoint_dir", tmp], ["another dataset"]
 
 
+def resume_with_other_settings(cache, trained, tmp):
+    shutil.copy(trained.dir / "last.pth", tmp / "last.pth")
+    flags = [*SMALL[:-2], "--seed", 2, "-l", 0.01, "-e", 5, "--resume", "--checkpoint_dir", tmp]
+    return ["--data", cache, *flags], [
+        "is another run",
+        "--learning_rate 0.01 (the run has 0.0045)",
+        "--seed 2 (the run has 1)",
+    ]
+
+
 BAD_INPUTS = [
     missing_cache,
     corrupt_cache,
@@ -461,6 +471,7 @@ BAD_INPUTS = [
     mode_test_without_checkpoint,
     resume_without_training_state,
     resume_on_another_dataset,
+    resume_with_other_settings,
 ]
 
 
