@@ -211,10 +211,11 @@ def epoch_seed(seed, epoch):
 
 
 # The flags a run is made of: --resume refuses to continue a run under other values, which would
-# either not apply (the optimizer state holds the run's learning rate and betas) or make another run.
+# not apply (the optimizer state holds the run's learning rate and betas), make another run, or
+# compare its best HR with one of another metric.
 RUN_FLAGS = (
     "factors", "layers", "dropout", "batch_size", "negative_samples", "grads_accumulated",
-    "learning_rate", "beta1", "beta2", "eps", "amp",
+    "learning_rate", "beta1", "beta2", "eps", "amp", "topk", "eval_protocol",
 )  # fmt: skip
 
 
