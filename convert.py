@@ -316,18 +316,12 @@ def small_ids(chunks):
     return np.split(codes.astype(np.int32), chunk_starts(chunks)[1:]), len(raw_ids), raw_ids
 
 
-def first_appearances(chunks, size, kept_rows=None):
-    """The ids of a column (a list of chunks of ids below size) in order of first appearance.
-
-    kept_rows: a boolean mask per chunk of the rows to look at (None: all).
-    """
+def first_appearances(chunks, size):
+    """The ids of a column (a list of chunks of ids below size) in order of first appearance."""
     n_rows = sum(len(chunk) for chunk in chunks)
     first_row = np.full(size, n_rows)
-    for index, (start, chunk) in enumerate(zip(chunk_starts(chunks), chunks, strict=True)):
-        rows = np.arange(start, start + len(chunk))
-        if kept_rows is not None:
-            chunk, rows = chunk[kept_rows[index]], rows[kept_rows[index]]
-        np.minimum.at(first_row, chunk, rows)
+    for start, chunk in zip(chunk_starts(chunks), chunks, strict=True):
+        np.minimum.at(first_row, chunk, np.arange(start, start + len(chunk)))
     present = np.flatnonzero(first_row < n_rows)
     return present[np.argsort(first_row[present])]
 
@@ -347,11 +341,8 @@ def dense_table(ids, size):
     return table
 
 
-def row_keys(users, items, user_table, item_table, kept_rows, item_bits):
-    """user << item_bits | item (dense ids) of every kept row, in file order."""
-    if kept_rows is not None:
-        users = [chunk[kept] for chunk, kept in zip(users, kept_rows, strict=True)]
-        items = [chunk[kept] for chunk, kept in zip(items, kept_rows, strict=True)]
+def row_keys(users, items, user_table, item_table, item_bits):
+    """user << item_bits | item (dense ids) of every row, in file order."""
     starts = np.r_[chunk_starts(users), sum(len(chunk) for chunk in users)]
     keys = np.empty(starts[-1], np.int64)
 
@@ -540,18 +531,20 @@ def build(raw_users, raw_items, raw_times, min_ratings, valid_negative, seed):
     if not len(kept_users):
         raise CliError(f"no user has {min_ratings} or more ratings (--min_ratings); nothing to train on")
     user_table = dense_table(kept_users, user_size)
-    kept_rows = None if len(kept_users) == len(user_order) else [user_table[chunk] >= 0 for chunk in users]
-    item_order = first_appearances(items, item_size, kept_rows)
+    if len(kept_users) < len(user_order):  # drop the light users' rows, once for every later step
+        kept_rows = [user_table[chunk] >= 0 for chunk in users]
+        users, items, raw_times = (
+            [chunk[kept] for chunk, kept in zip(column, kept_rows, strict=True)] for column in (users, items, raw_times)
+        )
+    item_order = first_appearances(items, item_size)
     n_users, n_items = len(kept_users), len(item_order)
     if valid_negative >= n_items:
         raise CliError(f"--valid_negative {valid_negative} must be smaller than the number of items ({n_items})")
     item_table, item_bits = dense_table(item_order, item_size), bits(n_items - 1)
 
     def keys_in_file_order():
-        return row_keys(users, items, user_table, item_table, kept_rows, item_bits)
+        return row_keys(users, items, user_table, item_table, item_bits)
 
-    if kept_rows is not None:
-        raw_times = [chunk[kept] for chunk, kept in zip(raw_times, kept_rows, strict=True)]
     train_keys, test_keys = split_leave_one_out(keys_in_file_order(), raw_times, n_users, item_bits, keys_in_file_order)
     negatives = sample_test_negatives(train_keys, 1 << item_bits, n_users, n_items, valid_negative, seed)
     return {
