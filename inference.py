@@ -22,12 +22,12 @@ import torch
 
 from convert import ITEM_IDS_FILE, USER_IDS_FILE
 from dataloading import load_cache
-from neumf import NeuMF
-from utils import CliError, load_model_weights, load_state_dict_file, make_logger, run_main
+from neumf import MODELS, NeuMF
+from utils import CliError, load_model_weights, load_state_dict_file, make_logger, model_config, run_main
 
 WARMUP_BATCHES = 10
 DEFAULT_BATCH_SIZES = "1,4,16,64,256,1024,4096,16384,65536,262144,1048576"
-ML20M = {"n_users": 138_493, "n_items": 26_744, "factors": 64, "layers": [256, 256, 128, 64]}
+ML20M = {"model": "neumf", "n_users": 138_493, "n_items": 26_744, "factors": 64, "layers": [256, 256, 128, 64]}
 ID_POOL_SAMPLES = 2**24  # random (user, item) samples made up front per batch size, cycled over the passes
 TABLE_COLUMNS = (
     "Batch size",
@@ -46,6 +46,7 @@ def parse_args():
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
 
     bench = parser.add_argument_group("benchmark (model sizes come from the checkpoint when one is given)")
+    bench.add_argument("--model", choices=MODELS, help="NeuMF, GMF or MLP (default: neumf)")
     bench.add_argument("--n_users", type=int, help=f"users of the model (default: {ML20M['n_users']}, ML-20m)")
     bench.add_argument("--n_items", type=int, help=f"items of the model (default: {ML20M['n_items']}, ML-20m)")
     bench.add_argument("-f", "--factors", type=int, help=f"size of the MF embeddings (default: {ML20M['factors']})")
@@ -151,34 +152,26 @@ def synchronize(device):
 # --- model ------------------------------------------------------------------------------------
 
 
-def sizes_from_state(state, path):
-    """(n_users, n_items, factors, layers) of the NeuMF that a state dict belongs to."""
-    for name in ("mf_user_embed.weight", "mf_item_embed.weight", "mlp_user_embed.weight"):
-        if name not in state or state[name].dim() != 2:
-            raise CliError(f"checkpoint {path} has no 2-D tensor {name}; it is not a NeuMF checkpoint")
-    n_users, factors = state["mf_user_embed.weight"].shape
-    layers = [2 * state["mlp_user_embed.weight"].shape[1]]
-    while f"mlp.{len(layers) - 1}.weight" in state:
-        layers.append(state[f"mlp.{len(layers) - 1}.weight"].shape[0])
-    return n_users, state["mf_item_embed.weight"].shape[0], factors, layers
-
-
 def load_model(path, device, n_users=None, n_items=None):
     """The checkpoint's model in eval mode on `device`; given n_users/n_items must match its embeddings."""
     state = load_state_dict_file(path)
-    ckpt_users, ckpt_items, factors, layers = sizes_from_state(state, path)
-    model = NeuMF(n_users or ckpt_users, n_items or ckpt_items, factors, layers)
+    kind, ckpt_users, ckpt_items, factors, layers = model_config(state, path)
+    model = NeuMF(n_users or ckpt_users, n_items or ckpt_items, factors, layers, kind=kind)
     load_model_weights(model, path, state)  # names the first tensor that does not fit the cache's sizes
     return model.to(device).eval()
 
 
 def describe(model):
-    users, factors = model.mf_user_embed.weight.shape
-    layers = [2 * model.mlp_user_embed.embedding_dim] + [layer.out_features for layer in model.mlp]
+    user_table, item_table = model.embeddings()[0]
+    sizes = []
+    if model.has_mf:
+        sizes.append(f"factors {model.mf_user_embed.embedding_dim}")
+    if model.has_mlp:
+        sizes.append(f"layers {[2 * model.mlp_user_embed.embedding_dim] + [layer.out_features for layer in model.mlp]}")
     n_params = sum(p.numel() for p in model.parameters())
     return (
-        f"NeuMF: {users:,} users, {model.mf_item_embed.num_embeddings:,} items, factors {factors}, "
-        f"layers {layers}, {n_params:,} parameters"
+        f"{model.kind.upper()}: {user_table.num_embeddings:,} users, {item_table.num_embeddings:,} items, "
+        f"{', '.join(sizes)}, {n_params:,} parameters"
     )
 
 
@@ -244,8 +237,8 @@ def benchmark(args, device):
     if args.load_checkpoint_path:
         model = load_model(args.load_checkpoint_path, device)
     else:
-        model = NeuMF(args.n_users, args.n_items, args.factors, args.layers).to(device).eval()
-    n_users, n_items = model.mf_user_embed.num_embeddings, model.mf_item_embed.num_embeddings
+        model = NeuMF(args.n_users, args.n_items, args.factors, args.layers, kind=args.model).to(device).eval()
+    n_users, n_items = (table.num_embeddings for table in model.embeddings()[0])
     # Casting the whole model, not autocast: embedding rows are then read in half the bytes and no
     # weight is re-cast per pass. On CPU at batch 2^20 bf16 ran about 2x faster cast than autocast.
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
@@ -357,7 +350,7 @@ def top_items(model, users, train, seen_counts, k, include_seen, batch_size, dev
     by logit, not by sigmoid score: in float32 the sigmoid rounds large logits to 1.0 and would make
     ties. Equal logits keep ascending item id (a stable descending sort), so the order is deterministic.
     """
-    n_items = model.mf_item_embed.num_embeddings
+    n_items = model.embeddings()[0][1].num_embeddings
     starts = torch.cumsum(seen_counts, 0) - seen_counts
     all_items = torch.arange(n_items, device=device)
     top, top_logits = [], []

@@ -1,11 +1,12 @@
-"""Train and evaluate NeuMF on a data cache: one process, DDP on many GPUs or nodes, or CPU.
+"""Train and evaluate an NCF model (NeuMF, GMF or MLP) on a data cache: one process, DDP on many GPUs or nodes, or CPU.
 
     python ncf.py --data data/cache/ml-20m
     torchrun --nproc_per_node=8 ncf.py --data data/cache/ml-20m --amp
     python ncf.py --data data/cache/ml-20m --mode test --load_checkpoint_path checkpoints/model.pth
 
 After every epoch each user's held-out item is ranked among its 100 test negatives and HR@K and
-NDCG@K are reported; the best model so far is written to --checkpoint_dir/model.pth.
+NDCG@K are reported (and likewise its validation item, when the cache has a validation split);
+the best model so far — on validation when there is a split — is written to --checkpoint_dir/model.pth.
 """
 
 import argparse
@@ -21,16 +22,8 @@ import torch.nn.functional as F
 import tqdm
 from torch.nn.parallel import DistributedDataParallel
 
-from dataloading import (
-    EvalCandidates,
-    FullRanking,
-    TrainBatches,
-    exact_test_negatives,
-    load_cache,
-    metrics_from_histogram,
-    rank_histogram,
-)
-from neumf import NeuMF
+from dataloading import FullRanking, TrainBatches, load_cache, make_evaluator, metrics_from_histogram, rank_histogram
+from neumf import MODELS, NeuMF
 from utils import (
     CliError,
     all_reduce_sum,
@@ -48,12 +41,13 @@ LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "model.pth"
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Train NeuMF (Neural Collaborative Filtering) and report HR@K / NDCG@K.",
+        description="Train an NCF model (NeuMF, GMF or MLP) and report HR@K / NDCG@K.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--data", required=True, help="cache directory written by convert.py / prepare_dataset.sh")
+    parser.add_argument("--model", choices=MODELS, default="neumf", help="NeuMF, or one of its branches alone")
     parser.add_argument("-e", "--epochs", type=int, default=30, help="number of epochs")
     parser.add_argument("-b", "--batch_size", type=int, default=2**20, help="global batch size, split across ranks")
     parser.add_argument("--valid_batch_size", type=int, default=2**20, help="samples scored at once in evaluation")
@@ -68,6 +62,21 @@ def parse_args():
     parser.add_argument("-b2", "--beta2", type=float, default=0.5, help="Adam beta2")
     parser.add_argument("--eps", type=float, default=1e-8, help="Adam epsilon")
     parser.add_argument("--dropout", type=float, default=0.5, help="dropout after each MLP layer (0 disables it)")
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="sgd: plain SGD, no momentum")
+    parser.add_argument(
+        "--l2_regularization",
+        type=float,
+        default=0.0,
+        help="add this times the squared norms of the embedding rows each sample uses, per sample, to the loss",
+    )
+    parser.add_argument(
+        "--patience", type=int, default=None, help="stop after this many epochs without a better (validation) HR@K"
+    )
+    parser.add_argument("--pretrained_gmf", help="GMF model.pth to initialise NeuMF's MF branch from")
+    parser.add_argument("--pretrained_mlp", help="MLP model.pth to initialise NeuMF's MLP branch from")
+    parser.add_argument(
+        "--pretrain_alpha", type=float, default=0.5, help="weight of the GMF's final layer in NeuMF's (MLP: 1 - it)"
+    )
     parser.add_argument("--checkpoint_dir", default="checkpoints", help="where model.pth and last.pth are written")
     parser.add_argument("--load_checkpoint_path", default=None, help="model.pth to evaluate (test) or start from")
     parser.add_argument("--mode", choices=["train", "test"], default="train")
@@ -85,7 +94,7 @@ def parse_args():
     parser.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help="set by torch.distributed.launch; else LOCAL_RANK"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     check_args(args)
     return args
 
@@ -95,29 +104,46 @@ def check_args(args):
     for name in positive:
         if getattr(args, name) < 1:
             raise CliError(f"--{name} must be at least 1")
+    if args.patience is not None and args.patience < 1:
+        raise CliError("--patience must be at least 1")
     if args.negative_samples < 0:
         raise CliError("--negative_samples must not be negative")
     if any(size < 1 for size in args.layers) or args.layers[0] % 2:
         raise CliError(f"--layers must be positive and the first one even (user and item halves), got {args.layers}")
-    if not 0 <= args.dropout < 1:
-        raise CliError("--dropout must be in [0, 1)")
+    in_range = {  # name: (low, high, high included); NaN is in no range
+        "dropout": (0, 1, False),
+        "beta1": (0, 1, False),
+        "beta2": (0, 1, False),
+        "pretrain_alpha": (0, 1, True),
+        "eps": (0, math.inf, False),
+        "l2_regularization": (0, math.inf, False),
+    }
+    for name, (low, high, high_included) in in_range.items():
+        value = getattr(args, name)
+        if not (low <= value < high or (high_included and value == high)):
+            raise CliError(f"--{name} must be in [{low}, {high}{']' if high_included else ')'}, got {value}")
+    if not 0 < args.learning_rate < math.inf:
+        raise CliError(f"--learning_rate must be positive and finite, got {args.learning_rate}")
+    if math.isnan(args.threshold):
+        raise CliError("--threshold must be a number")
     if args.mode == "test" and not args.load_checkpoint_path:
         raise CliError("--mode test needs --load_checkpoint_path")
     if args.mode == "test" and args.resume:
         raise CliError("--resume only applies to --mode train")
+    pretrained = [flag for flag in ("pretrained_gmf", "pretrained_mlp") if getattr(args, flag)]
+    if pretrained:
+        if args.model != "neumf":
+            raise CliError(f"--{pretrained[0]} initialises NeuMF: it needs --model neumf, not {args.model}")
+        if len(pretrained) == 1:
+            raise CliError("pre-training needs both --pretrained_gmf and --pretrained_mlp")
+        if args.mode == "test" or args.resume or args.load_checkpoint_path:
+            raise CliError(
+                "--pretrained_gmf/--pretrained_mlp start a new training run: not with --mode test, "
+                "--resume or --load_checkpoint_path"
+            )
 
 
 # --- evaluation -------------------------------------------------------------------------------
-
-
-def make_evaluator(args, data, rank, world_size, device):
-    """This rank's share of the evaluation, for the protocol that --eval_protocol names."""
-    if args.eval_protocol == "full":
-        return FullRanking(data.train, data.test, data.n_items, rank, world_size, device)
-    negatives = data.test_negatives
-    if args.eval_protocol == "exact":
-        negatives = exact_test_negatives(data, data.meta["valid_negative"], data.meta["seed"])
-    return EvalCandidates(data.test, negatives, rank, world_size, device)
 
 
 def scored_blocks(model, evaluator, batch_size):
@@ -168,12 +194,49 @@ def evaluate(model, evaluator, args, autocast):
 # --- training ---------------------------------------------------------------------------------
 
 
+def evaluate_splits(model, evaluators, args, autocast):
+    """{metric name: value} of every split (test keys as the reference names them, validation ones
+    prefixed `val_`), and the pairs scored."""
+    metrics, pairs = {}, 0
+    for split, evaluator in evaluators.items():
+        hr, ndcg, loss, scored = evaluate(model, evaluator, args, autocast)
+        prefix = "val_" if split == "valid" else ""
+        metrics |= {f"{prefix}hr@{args.topk}": hr, f"{prefix}ndcg@{args.topk}": ndcg}
+        metrics["val_loss" if split == "valid" else "validation_loss"] = loss
+        pairs += scored
+    return metrics, pairs
+
+
+def metrics_line(metrics, k):
+    line = f"HR@{k} {metrics[f'hr@{k}']:.4f}  NDCG@{k} {metrics[f'ndcg@{k}']:.4f}"
+    if f"val_hr@{k}" in metrics:
+        line = f"valid HR@{k} {metrics[f'val_hr@{k}']:.4f}  NDCG@{k} {metrics[f'val_ndcg@{k}']:.4f}  test {line}"
+    return line
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def make_model(args, data, device):
+    """The model --model names, initialised from the pre-trained GMF and MLP when given."""
+    model = NeuMF(data.n_users, data.n_items, args.factors, args.layers, args.dropout, kind=args.model)
+    if args.pretrained_gmf:
+        branches = {}
+        for kind, path in (("gmf", args.pretrained_gmf), ("mlp", args.pretrained_mlp)):
+            branches[kind] = NeuMF(data.n_users, data.n_items, args.factors, args.layers, kind=kind)
+            load_model_weights(branches[kind], path)
+        model.init_from_pretrained(branches["gmf"], branches["mlp"], args.pretrain_alpha)
+    return model.to(device)
+
+
 def make_optimizer(model, args, device):
-    """Adam as the reference, fused: apex's FusedAdam when installed on CUDA, else torch's.
+    """Adam as the reference, fused: apex's FusedAdam when installed on CUDA, else torch's; or plain SGD.
 
     Not apex's with --amp on CUDA: GradScaler reads its inf check with .item(), a host sync every
-    step, unless the optimizer takes the check on the device, as torch's fused Adam does.
+    step, unless the optimizer takes the check on the device, as torch's fused ones do.
     """
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.learning_rate, fused=True)
     settings = dict(lr=args.learning_rate, betas=(args.beta1, args.beta2), eps=args.eps)
     if device.type == "cuda" and not args.amp:
         with contextlib.suppress(ImportError):
@@ -184,10 +247,11 @@ def make_optimizer(model, args, device):
 
 
 def train_epoch(model, optimizer, scaler, batches, args, autocast, progress):
-    """One pass over this rank's batches; returns the summed loss, left on the device."""
+    """One pass over this rank's batches; returns the summed loss (without the L2 term), left on the device."""
     model.train()
     loss_sum = torch.zeros((), device=batches[0][0].device)
     accumulate = args.grads_accumulated
+    module = getattr(model, "module", model)  # the model inside DDP
     for step, (users, items, labels) in enumerate(batches):
         last_micro_batch = (step + 1) % accumulate == 0 or step + 1 == len(batches)
         sync = contextlib.nullcontext() if last_micro_batch or not hasattr(model, "no_sync") else model.no_sync()
@@ -195,7 +259,10 @@ def train_epoch(model, optimizer, scaler, batches, args, autocast, progress):
             with autocast:
                 logits = model(users, items).flatten()
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
-            scaler.scale(loss / accumulate).backward()
+                objective = loss
+                if args.l2_regularization:
+                    objective = loss + args.l2_regularization * module.embedding_l2(users, items) / len(labels)
+            scaler.scale(objective / accumulate).backward()
         if last_micro_batch:
             scaler.step(optimizer)
             scaler.update()
@@ -214,8 +281,8 @@ def epoch_seed(seed, epoch):
 # not apply (the optimizer state holds the run's learning rate and betas), make another run, or
 # compare its best HR with one of another metric.
 RUN_FLAGS = (
-    "factors", "layers", "dropout", "batch_size", "negative_samples", "grads_accumulated",
-    "learning_rate", "beta1", "beta2", "eps", "amp", "topk", "eval_protocol",
+    "model", "factors", "layers", "dropout", "batch_size", "negative_samples", "grads_accumulated", "optimizer",
+    "learning_rate", "beta1", "beta2", "eps", "l2_regularization", "amp", "topk", "eval_protocol",
 )  # fmt: skip
 
 
@@ -231,6 +298,7 @@ def save_training_state(path, model, optimizer, scaler, epoch, seed, best, data,
             "best": best,
             "run_time": run_time,  # training + evaluation seconds so far: the clock of time_to_*
             "data_sha256": data.meta["source_sha256"],
+            "validation": data.valid is not None,
         },
         path,
     )
@@ -240,6 +308,11 @@ def load_training_state(path, model, optimizer, scaler, data, args):
     state = read_checkpoint(path)
     if state.get("data_sha256") != data.meta["source_sha256"]:
         raise CliError(f"{path} was trained on another dataset than --data; start a new run without --resume")
+    if state.get("validation", False) != (data.valid is not None):
+        raise CliError(
+            f"{path} was trained on a cache {'with' if state.get('validation') else 'without'} a "
+            "validation split, --data is not; resume on the run's cache or start a new run"
+        )
     saved = state.get("flags", {})  # absent from checkpoints written before the flags were saved
     other = [
         f"--{name} {getattr(args, name)} (the run has {saved[name]})"
@@ -265,30 +338,45 @@ def make_autocast(args, device):
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
-def test(model, evaluator, args, autocast, logger, log):
+def make_evaluators(args, data, rank, world_size, device):
+    """{split: this rank's evaluator}: the test split, and the validation split when the cache has one."""
+    splits = ["valid", "test"] if data.valid is not None else ["test"]
+    return {split: make_evaluator(data, split, args.eval_protocol, rank, world_size, device) for split in splits}
+
+
+def test(model, evaluators, args, autocast, logger, log):
     """--mode test: evaluate a checkpoint once."""
     load_model_weights(model, args.load_checkpoint_path)
     start = time.time()
-    hr, ndcg, val_loss, pairs = evaluate(model, evaluator, args, autocast)
+    metrics, pairs = evaluate_splits(model, evaluators, args, autocast)
     elapsed = time.time() - start
-    log(
-        f"{args.load_checkpoint_path} ({args.eval_protocol} protocol): "
-        f"HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {ndcg:.4f}"
-    )
-    metrics = {f"hr@{args.topk}": hr, f"ndcg@{args.topk}": ndcg, "validation_loss": val_loss}
+    k = args.topk
+    line = f"HR@{k} = {metrics[f'hr@{k}']:.4f}, NDCG@{k} = {metrics[f'ndcg@{k}']:.4f}"
+    if f"val_hr@{k}" in metrics:
+        line = f"validation HR@{k} = {metrics[f'val_hr@{k}']:.4f}, NDCG@{k} = {metrics[f'val_ndcg@{k}']:.4f}; test {line}"
+    log(f"{args.load_checkpoint_path} ({args.eval_protocol} protocol): {line}")
     logger.log((), metrics | {"eval_throughput": pairs / elapsed})
 
 
-def train(model, evaluator, data, seed, args, autocast, device, rank, world_size, logger, log):
+def train(model, evaluators, data, seed, args, device, rank, world_size, logger, log, on_epoch=None):
+    """Train for --epochs (or until --threshold / --patience stops it) and return the best epoch's record.
+
+    The best epoch is the one with the highest validation HR@K when the cache has a validation
+    split (the test HR@K otherwise); on_epoch(epoch, metrics), when given, is called after each
+    epoch's evaluation and may raise to stop the run (tune.py prunes trials this way).
+    """
+    autocast = make_autocast(args, device)
     optimizer = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     checkpoint_dir = Path(args.checkpoint_dir)
-    first_epoch, best, run_time = 0, {"hr": -1.0, "epoch": -1, "time": 0.0}, 0.0
+    validating = "valid" in evaluators
+    selected, best_key = (f"val_hr@{args.topk}", "val_hr") if validating else (f"hr@{args.topk}", "hr")
+    first_epoch, best, run_time = 0, {"hr": -1.0, "val_hr": -1.0, "epoch": -1, "time": 0.0}, 0.0
     if args.resume:
         first_epoch, seed, best, run_time = load_training_state(
             checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, data, args
         )
-        log(f"resuming after epoch {first_epoch - 1} (best HR@{args.topk} {best['hr']:.4f})")
+        log(f"resuming after epoch {first_epoch - 1} (best {selected} {best[best_key]:.4f})")
     elif args.load_checkpoint_path:
         load_model_weights(model, args.load_checkpoint_path)
     ddp_model = DistributedDataParallel(model) if world_size > 1 else model
@@ -296,8 +384,9 @@ def train(model, evaluator, data, seed, args, autocast, device, rank, world_size
         data.train, data.n_items, args.negative_samples, args.batch_size, rank, world_size, device
     )
     log(
-        f"{data.n_users:,} users, {data.n_items:,} items, {len(data.train):,} positives; "
+        f"{args.model}: {data.n_users:,} users, {data.n_items:,} items, {len(data.train):,} positives; "
         f"{world_size} process(es) on {device}; seed {seed}; {args.eval_protocol} evaluation protocol"
+        + ("; model selection on the validation split" if validating else "")
     )
 
     throughputs, eval_throughputs, target_time = [], [], None
@@ -316,43 +405,55 @@ def train(model, evaluator, data, seed, args, autocast, device, rank, world_size
                 f"{checkpoint_dir} is kept. Try a lower --learning_rate or --amp off"
             )
         start = time.time()
-        hr, ndcg, val_loss, pairs = evaluate(model, evaluator, args, autocast)
+        metrics, pairs = evaluate_splits(model, evaluators, args, autocast)
         eval_time = time.time() - start
         run_time += train_time + eval_time
         throughputs.append(train_batches.samples_per_rank * world_size / train_time)
         eval_throughputs.append(pairs / eval_time)
         log(
-            f"epoch {epoch}: HR@{args.topk} {hr:.4f}  NDCG@{args.topk} {ndcg:.4f}  train loss {train_loss:.4f}  "
-            f"valid loss {val_loss:.4f}  {throughputs[-1]:,.0f} samples/s  train {train_time:.1f}s  "
-            f"eval {eval_time:.1f}s"
+            f"epoch {epoch}: {metrics_line(metrics, args.topk)}  train loss {train_loss:.4f}  "
+            f"valid loss {metrics.get('val_loss', metrics['validation_loss']):.4f}  {throughputs[-1]:,.0f} samples/s  "
+            f"train {train_time:.1f}s  eval {eval_time:.1f}s"
         )
         logger.log(
             (epoch,),
             {
                 "train_throughput": throughputs[-1],
-                f"hr@{args.topk}": hr,
-                f"ndcg@{args.topk}": ndcg,
+                **metrics,
                 "train_epoch_time": train_time,
                 "validation_epoch_time": eval_time,
                 "eval_throughput": eval_throughputs[-1],
                 "train_loss": train_loss,
-                "validation_loss": val_loss,
             },
         )
-        if hr > best["hr"]:
-            best = {"hr": hr, "ndcg": ndcg, "epoch": epoch, "time": run_time}
+        if metrics[selected] > best[best_key]:
+            best = {
+                "hr": metrics[f"hr@{args.topk}"],
+                "ndcg": metrics[f"ndcg@{args.topk}"],
+                "val_hr": metrics.get(f"val_hr@{args.topk}", -1.0),
+                "val_ndcg": metrics.get(f"val_ndcg@{args.topk}", -1.0),
+                "epoch": epoch,
+                "time": run_time,
+            }
             if rank == 0:
                 atomic_save(model.state_dict(), checkpoint_dir / BEST_CHECKPOINT)
         if rank == 0:
             save_training_state(
                 checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, epoch, seed, best, data, run_time, args
             )
-        if hr >= args.threshold:
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if metrics[selected] >= args.threshold:
             target_time = run_time
-            log(f"HR@{args.topk} {hr:.4f} reached the threshold {args.threshold}; stopping")
+            log(f"{selected} {metrics[selected]:.4f} reached the threshold {args.threshold}; stopping")
+            break
+        if args.patience is not None and epoch - best["epoch"] >= args.patience:
+            log(f"no better {selected} for {args.patience} epochs; stopping")
             break
 
     summary = {"best_accuracy": best["hr"], "best_epoch": best["epoch"], "time_to_best_model": best["time"]}
+    if validating:
+        summary["best_val_accuracy"] = best["val_hr"]
     if throughputs:
         summary |= {
             "best_train_throughput": max(throughputs),
@@ -363,7 +464,12 @@ def train(model, evaluator, data, seed, args, autocast, device, rank, world_size
     if target_time is not None:
         summary["time_to_target"] = target_time
     logger.log((), summary)
-    log(f"best HR@{args.topk} {best['hr']:.4f} at epoch {best['epoch']}; model in {checkpoint_dir / BEST_CHECKPOINT}")
+    chosen = f", chosen by validation HR@{args.topk} {best['val_hr']:.4f}" if validating else ""
+    log(
+        f"best HR@{args.topk} {best['hr']:.4f} at epoch {best['epoch']}{chosen}; "
+        f"model in {checkpoint_dir / BEST_CHECKPOINT}"
+    )
+    return best
 
 
 def main():
@@ -375,16 +481,15 @@ def main():
     data = load_cache(args.data)
     seed = broadcast_int(args.seed if args.seed is not None else random.randrange(2**31), device)
     torch.manual_seed(seed)  # the same initial model on every rank
-    model = NeuMF(data.n_users, data.n_items, args.factors, args.layers, args.dropout).to(device)
-    evaluator = make_evaluator(args, data, rank, world_size, device)
+    model = make_model(args, data, device)
+    evaluators = make_evaluators(args, data, rank, world_size, device)
     logger = make_logger(args.log_path, rank == 0)
     log = print if rank == 0 else (lambda *_, **__: None)
     logger.log("PARAMETER", {**vars(args), "seed": seed, "world_size": world_size, "device": str(device)})
-    autocast = make_autocast(args, device)
     if args.mode == "test":
-        test(model, evaluator, args, autocast, logger, log)
+        test(model, evaluators, args, make_autocast(args, device), logger, log)
     else:
-        train(model, evaluator, data, seed, args, autocast, device, rank, world_size, logger, log)
+        train(model, evaluators, data, seed, args, device, rank, world_size, logger, log)
     logger.close()
     if world_size > 1:  # leave together: a rank that tears gloo down while rank 0 still writes can abort
         torch.distributed.barrier()

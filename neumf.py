@@ -1,8 +1,11 @@
-"""The NeuMF model of "Neural Collaborative Filtering" (He et al., 2017), with the reference layout.
+"""The three instantiations of "Neural Collaborative Filtering" (He et al., 2017): NeuMF, GMF and MLP.
 
-Two branches share the (user, item) input: matrix factorisation (element-wise product of
-embeddings) and an MLP over concatenated embeddings. A final linear layer combines them into a
-logit. Parameter names and shapes match NVIDIA's reference, so its model.pth files load.
+NeuMF has two branches over the (user, item) input: generalized matrix factorisation (GMF, the
+element-wise product of embeddings) and an MLP over concatenated embeddings; a final linear layer
+combines them into a logit. GMF and MLP are one branch each with its own final layer. Parameter
+names and shapes are the reference's (a GMF holds the `mf_*` and `final.*` tensors of a NeuMF, an
+MLP the `mlp_*`, `mlp.*` and `final.*` ones), so the reference's model.pth files load and NeuMF can
+be initialised from a trained GMF and MLP (pre-training, as in the paper).
 """
 
 import itertools
@@ -28,36 +31,87 @@ def dropout(x, p, training):
     return x * ((uniform < keep - 2**15).to(x.dtype) * (2**16 / keep))
 
 
+MODELS = ("neumf", "gmf", "mlp")
+
+
 class NeuMF(nn.Module):
-    def __init__(self, nb_users, nb_items, mf_dim=64, mlp_layer_sizes=(256, 256, 128, 64), dropout=0.5):
+    """NeuMF, or one of its branches alone: kind "gmf" (MF branch) or "mlp" (MLP branch)."""
+
+    def __init__(self, nb_users, nb_items, mf_dim=64, mlp_layer_sizes=(256, 256, 128, 64), dropout=0.5, kind="neumf"):
         super().__init__()
-        if mlp_layer_sizes[0] % 2:
+        if kind not in MODELS:
+            raise ValueError(f"the model kind must be one of {MODELS}, got {kind!r}")
+        if kind != "gmf" and mlp_layer_sizes[0] % 2:
             raise ValueError(f"the first MLP layer size must be even (user and item halves), got {mlp_layer_sizes[0]}")
-        self.dropout = dropout
-        self.mf_user_embed = nn.Embedding(nb_users, mf_dim)
-        self.mf_item_embed = nn.Embedding(nb_items, mf_dim)
-        self.mlp_user_embed = nn.Embedding(nb_users, mlp_layer_sizes[0] // 2)
-        self.mlp_item_embed = nn.Embedding(nb_items, mlp_layer_sizes[0] // 2)
-        self.mlp = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in itertools.pairwise(mlp_layer_sizes))
-        self.final = nn.Linear(mf_dim + mlp_layer_sizes[-1], 1)
+        self.kind, self.dropout = kind, dropout
+        self.has_mf, self.has_mlp = kind != "mlp", kind != "gmf"
+        final_in = 0
+        if self.has_mf:
+            self.mf_user_embed = nn.Embedding(nb_users, mf_dim)
+            self.mf_item_embed = nn.Embedding(nb_items, mf_dim)
+            final_in += mf_dim
+        if self.has_mlp:
+            self.mlp_user_embed = nn.Embedding(nb_users, mlp_layer_sizes[0] // 2)
+            self.mlp_item_embed = nn.Embedding(nb_items, mlp_layer_sizes[0] // 2)
+            pairs = itertools.pairwise(mlp_layer_sizes)
+            self.mlp = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in pairs)
+            final_in += mlp_layer_sizes[-1]
+        self.final = nn.Linear(final_in, 1)
         self.reset_parameters()
+
+    def embeddings(self):
+        """(user table, item table) of each branch."""
+        branches = [(self.mf_user_embed, self.mf_item_embed)] if self.has_mf else []
+        return branches + ([(self.mlp_user_embed, self.mlp_item_embed)] if self.has_mlp else [])
 
     def reset_parameters(self):
         """The reference initialisation: N(0, 0.01) embeddings, Glorot MLP, LeCun final weight."""
-        for embedding in (self.mf_user_embed, self.mf_item_embed, self.mlp_user_embed, self.mlp_item_embed):
-            nn.init.normal_(embedding.weight, 0.0, 0.01)
-        for layer in self.mlp:
+        for user_table, item_table in self.embeddings():
+            nn.init.normal_(user_table.weight, 0.0, 0.01)
+            nn.init.normal_(item_table.weight, 0.0, 0.01)
+        for layer in self.mlp if self.has_mlp else ():
             nn.init.xavier_uniform_(layer.weight)
         bound = math.sqrt(3.0 / self.final.in_features)
         nn.init.uniform_(self.final.weight, -bound, bound)
 
     def forward(self, user, item):
         """Logits of shape [batch, 1] for 1-D tensors of user and item ids."""
-        mf = self.mf_user_embed(user) * self.mf_item_embed(item)
-        mlp = torch.cat([self.mlp_user_embed(user), self.mlp_item_embed(item)], dim=1)
-        for layer in self.mlp:
-            mlp = dropout(F.relu(layer(mlp)), self.dropout, self.training)
-        return self.final(torch.cat([mf, mlp], dim=1))
+        branches = []
+        if self.has_mf:
+            branches.append(self.mf_user_embed(user) * self.mf_item_embed(item))
+        if self.has_mlp:
+            mlp = torch.cat([self.mlp_user_embed(user), self.mlp_item_embed(item)], dim=1)
+            for layer in self.mlp:
+                mlp = dropout(F.relu(layer(mlp)), self.dropout, self.training)
+            branches.append(mlp)
+        return self.final(torch.cat(branches, dim=1) if len(branches) > 1 else branches[0])
+
+    @torch.no_grad()
+    def init_from_pretrained(self, gmf, mlp, alpha):
+        """Start NeuMF from a trained GMF and MLP (the NCF paper's pre-training).
+
+        Embeddings and MLP are copied; the final layer weighs the GMF's final layer by alpha and the
+        MLP's by 1 - alpha (bias included), so the first logits are alpha * GMF's + (1 - alpha) * MLP's.
+        """
+        own = self.state_dict()
+        for name, tensor in [*gmf.state_dict().items(), *mlp.state_dict().items()]:
+            if not name.startswith("final."):
+                own[name].copy_(tensor)
+        mf_dim = gmf.final.in_features
+        self.final.weight[:, :mf_dim] = alpha * gmf.final.weight
+        self.final.weight[:, mf_dim:] = (1 - alpha) * mlp.final.weight
+        self.final.bias.copy_(alpha * gmf.final.bias + (1 - alpha) * mlp.final.bias)
+
+    def embedding_l2(self, user, item):
+        """Sum over the batch of the squared norms of the embedding rows each sample uses.
+
+        The L2 penalty of per-sample SGD (as in Rendle et al.'s MF): a row is penalised as often as
+        it is used, and rows a batch does not touch get no gradient, unlike weight decay.
+        """
+        total = 0.0
+        for user_table, item_table in self.embeddings():
+            total = total + user_table(user).float().pow(2).sum() + item_table(item).float().pow(2).sum()
+        return total
 
     def score_grid(self, users, items, chunk_pairs=None):
         """Evaluation logits [U, C] of users [U] against items [C] (shared) or [U, C] (per user).
@@ -76,41 +130,57 @@ class NeuMF(nn.Module):
         """
         shared = items.dim() == 1
         n_candidates = items.shape[-1]
-        mf_dim = self.mf_user_embed.embedding_dim
+        mf_dim = self.mf_user_embed.embedding_dim if self.has_mf else 0
         final_mf, final_mlp = self.final.weight[0, :mf_dim], self.final.weight[0, mf_dim:]
-        user_mf = self.mf_user_embed(users) * final_mf
-        user_mlp = self.mlp_user_embed(users)
-        half = user_mlp.shape[1]
-        if self.mlp:
-            first = self.mlp[0]
-            user_part = _rowwise_linear(user_mlp, first.weight[:, :half]) + first.bias
-            item_table = F.linear(self.mlp_item_embed.weight, first.weight[:, half:])  # [n_items, hidden]
-            user_part = user_part.to(item_table.dtype)  # bf16 under autocast: the next layer's input type
-        else:  # no hidden layer: the MLP output is the concatenation itself
-            user_part = (user_mlp * final_mlp[:half]).sum(-1, keepdim=True)
-            item_table = (self.mlp_item_embed.weight * final_mlp[half:]).sum(-1, keepdim=True)
-        if shared:
-            item_mf, item_part = self.mf_item_embed(items), item_table[items]
-        logits = torch.empty(len(users), n_candidates, device=user_mf.device)
+        if self.has_mf:
+            user_mf = self.mf_user_embed(users) * final_mf
+            item_mf = self.mf_item_embed(items) if shared else None
+        if self.has_mlp:
+            user_part, item_table = self._first_layer_halves(users, final_mlp)
+            item_part = item_table[items] if shared else None
+        logits = torch.empty(len(users), n_candidates, device=users.device)
         chunk_pairs = chunk_pairs or (2**13 if users.device.type == "cpu" else 2**20)
         per_chunk = max(1, chunk_pairs // max(1, n_candidates))
         for start in range(0, len(users), per_chunk):
             rows = slice(start, start + per_chunk)
-            if not shared:
-                item_mf, item_part = self.mf_item_embed(items[rows]), item_table[items[rows]]
-                hidden = item_part.add_(user_part[rows, None, :])  # a gathered copy: added in place
-            else:
-                hidden = item_part + user_part[rows, None, :]
-            scores = (item_mf * user_mf[rows, None, :]).sum(-1)
-            if self.mlp:
-                hidden.relu_()
-                for layer in self.mlp[1:]:
-                    hidden = F.linear(hidden, layer.weight, layer.bias).relu_()
-                scores += (hidden * final_mlp).sum(-1)
-            else:
-                scores += hidden[..., 0]
+            scores = None
+            if self.has_mf:
+                chunk_mf = item_mf if shared else self.mf_item_embed(items[rows])
+                scores = (chunk_mf * user_mf[rows, None, :]).sum(-1)
+            if self.has_mlp:
+                if shared:
+                    hidden = item_part + user_part[rows, None, :]
+                else:  # a gathered copy: added in place
+                    hidden = item_table[items[rows]].add_(user_part[rows, None, :])
+                mlp_scores = self._mlp_head(hidden, final_mlp)
+                scores = mlp_scores if scores is None else scores.add_(mlp_scores)
             logits[rows] = scores + self.final.bias
         return logits
+
+    def _first_layer_halves(self, users, final_mlp):
+        """The user half of the first MLP layer for `users`, and its item half for every item.
+
+        Without hidden layers the MLP output is the concatenated embeddings: the halves are then
+        their dot products with the final layer's weights.
+        """
+        user_mlp = self.mlp_user_embed(users)
+        half = user_mlp.shape[1]
+        if not self.mlp:
+            user_part = (user_mlp * final_mlp[:half]).sum(-1, keepdim=True)
+            return user_part, (self.mlp_item_embed.weight * final_mlp[half:]).sum(-1, keepdim=True)
+        first = self.mlp[0]
+        user_part = _rowwise_linear(user_mlp, first.weight[:, :half]) + first.bias
+        item_table = F.linear(self.mlp_item_embed.weight, first.weight[:, half:])  # [n_items, hidden]
+        return user_part.to(item_table.dtype), item_table  # bf16 under autocast: the next layer's input type
+
+    def _mlp_head(self, hidden, final_mlp):
+        """The MLP branch's contribution to the logits, from the first layer's pre-activation."""
+        if not self.mlp:
+            return hidden[..., 0]
+        hidden.relu_()
+        for layer in self.mlp[1:]:
+            hidden = F.linear(hidden, layer.weight, layer.bias).relu_()
+        return (hidden * final_mlp).sum(-1)
 
 
 def _rowwise_linear(x, weight, rows=16):

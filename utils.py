@@ -91,18 +91,45 @@ def load_state_dict_file(path):
     return model_state(read_checkpoint(path), path)
 
 
+def model_config(state, path):
+    """(kind, n_users, n_items, factors, layers) of the NCF model a state dict holds.
+
+    The kind follows from the branches present: NeuMF has both, GMF only `mf_*`, MLP only `mlp_*`;
+    factors is None for an MLP and layers None for a GMF.
+    """
+    has_mf, has_mlp = "mf_user_embed.weight" in state, "mlp_user_embed.weight" in state
+    if not (has_mf or has_mlp):
+        raise CliError(f"checkpoint {path} has no mf_user_embed.weight nor mlp_user_embed.weight; it is no NCF model")
+    tables = ["mf_user_embed.weight", "mf_item_embed.weight"] if has_mf else []
+    tables += ["mlp_user_embed.weight", "mlp_item_embed.weight"] if has_mlp else []
+    for name in tables:
+        if name not in state or state[name].dim() != 2:
+            raise CliError(f"checkpoint {path} has no 2-D tensor {name}; it is not an NCF checkpoint")
+    layers = None
+    if has_mlp:
+        layers = [2 * state["mlp_user_embed.weight"].shape[1]]
+        while f"mlp.{len(layers) - 1}.weight" in state:
+            layers.append(state[f"mlp.{len(layers) - 1}.weight"].shape[0])
+    kind = "neumf" if has_mf and has_mlp else "gmf" if has_mf else "mlp"
+    factors = state["mf_user_embed.weight"].shape[1] if has_mf else None
+    return kind, state[tables[0]].shape[0], state[tables[1]].shape[0], factors, layers
+
+
 def load_model_weights(model, path, state=None):
-    """Load a checkpoint into `model`, naming the first tensor that does not fit.
+    """Load a checkpoint into `model`, naming the model kind or the first tensor that does not fit.
 
     `state` is the checkpoint's model state when the caller has read the file already.
     """
     state = load_state_dict_file(path) if state is None else state
+    kind = model_config(state, path)[0]
+    if kind != model.kind:
+        raise CliError(f"checkpoint {path} holds a {kind.upper()} model, not a {model.kind.upper()} (--model)")
     own = model.state_dict()
     for name in own.keys() - state.keys():
-        raise CliError(f"checkpoint {path} has no tensor {name}; it is not a NeuMF checkpoint of this layout")
+        raise CliError(f"checkpoint {path} has no tensor {name}; it is not a {kind.upper()} checkpoint of this layout")
     for name in state.keys() - own.keys():
         raise CliError(
-            f"checkpoint {path} has an unexpected tensor {name}; it is not a NeuMF checkpoint of this layout"
+            f"checkpoint {path} has an unexpected tensor {name}; it is not a {kind.upper()} checkpoint of this layout"
         )
     for name, tensor in state.items():
         if tensor.shape != own[name].shape:

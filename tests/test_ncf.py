@@ -546,7 +546,7 @@ def test_apex_fused_adam_only_without_a_grad_scaler(monkeypatch, amp):
 
     monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
     monkeypatch.setitem(sys.modules, "apex.optimizers", types.SimpleNamespace(FusedAdam=FusedAdam))
-    args = types.SimpleNamespace(learning_rate=1e-3, beta1=0.25, beta2=0.5, eps=1e-8, amp=amp)
+    args = types.SimpleNamespace(optimizer="adam", learning_rate=1e-3, beta1=0.25, beta2=0.5, eps=1e-8, amp=amp)
     model = torch.nn.Linear(2, 1)
     on_cuda = ncf.make_optimizer(model, args, torch.device("cuda"))
     # with --amp, GradScaler would sync with the host every step around apex's optimizer
