@@ -374,6 +374,86 @@ def test_torch_distributed_launch_two_processes(torchrun_trained, tmp_path, use_
         assert run.epochs[0][key] == torchrun_trained.epochs[0][key], key
 
 
+# --- the NCF family: GMF, MLP, pre-trained NeuMF ----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def branches(tiny_cache, tmp_path_factory):
+    """A GMF and an MLP trained 2 epochs each: {kind: Run}."""
+    runs = {}
+    for kind in ("gmf", "mlp"):
+        directory = tmp_path_factory.mktemp(kind)
+        run = run_ncf(
+            "--data", tiny_cache, *SMALL, "-e", 2, "--model", kind, "--checkpoint_dir", directory,
+            log_path=directory / "log.json",
+        )  # fmt: skip
+        run.expect_success()
+        run.dir = directory
+        runs[kind] = run
+    return runs
+
+
+def test_gmf_and_mlp_train_and_their_checkpoints_reproduce_in_test_mode(branches, tiny_cache, tmp_path):
+    prefixes = {"gmf": {"mf_", "final"}, "mlp": {"mlp_", "mlp.", "final"}}
+    for kind, run in branches.items():
+        assert run.parameters["model"] == kind and run.stdout.startswith(f"{kind}: ")
+        names = state(run.dir / "model.pth").keys()
+        assert {name.split("embed")[0].split("0")[0].split("1")[0].split("weight")[0][:4] for name in names}
+        assert all(any(name.startswith(prefix) for prefix in prefixes[kind]) for name in names), names
+        assert all(PER_EPOCH_KEYS <= data.keys() for data in run.epochs)
+        test_run = run_ncf(
+            "--data", tiny_cache, *SMALL, "--model", kind, "--mode", "test",
+            "--load_checkpoint_path", run.dir / "model.pth", log_path=tmp_path / f"{kind}.json",
+        ).expect_success()  # fmt: skip
+        assert test_run.log[-1]["data"]["hr@10"] == run.final["best_accuracy"]
+        wrong = run_ncf(
+            "--data", tiny_cache, *SMALL, "--mode", "test", "--load_checkpoint_path", run.dir / "model.pth",
+            log_path=tmp_path / "wrong.json",
+        )  # fmt: skip
+        assert_clean_error(wrong, f"holds a {kind.upper()} model, not a NEUMF (--model)")
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.25])
+def test_pretrained_neumf_starts_from_both_branches(branches, tiny_cache, tmp_path, alpha):
+    gmf, mlp = (state(branches[kind].dir / "model.pth") for kind in ("gmf", "mlp"))
+    run = run_ncf(
+        "--data", tiny_cache, *SMALL, "-e", 1, "--pretrained_gmf", branches["gmf"].dir / "model.pth",
+        "--pretrained_mlp", branches["mlp"].dir / "model.pth", "--pretrain_alpha", alpha,
+        "--optimizer", "sgd", "-l", 1e-30, "--checkpoint_dir", tmp_path, log_path=tmp_path / "log.json",
+    ).expect_success()  # fmt: skip
+    neumf = state(tmp_path / "model.pth")  # one SGD step of 1e-30 changes nothing
+    for name, tensor in (gmf | mlp).items():
+        if not name.startswith("final"):
+            assert torch.equal(neumf[name], tensor), name
+    expected = torch.cat([alpha * gmf["final.weight"], (1 - alpha) * mlp["final.weight"]], dim=1)
+    torch.testing.assert_close(neumf["final.weight"], expected)
+    torch.testing.assert_close(neumf["final.bias"], alpha * gmf["final.bias"] + (1 - alpha) * mlp["final.bias"])
+    assert run.parameters["optimizer"] == "sgd"
+
+
+def test_patience_stops_after_epochs_without_a_better_hr(tiny_cache, tmp_path):
+    # a learning rate too small to change the model: HR@10 never beats epoch 0's
+    run = run_ncf(
+        "--data", tiny_cache, *SMALL, "-e", 10, "--patience", 2, "-l", 1e-30, "--checkpoint_dir", tmp_path,
+        log_path=tmp_path / "log.json",
+    ).expect_success()  # fmt: skip
+    assert len(run.epochs) == 3 and run.final["best_epoch"] == 0
+    assert "no better hr@10 for 2 epochs; stopping" in run.stdout
+
+
+def test_l2_regularization_shrinks_the_embeddings(tiny_cache, tmp_path):
+    norms = {}
+    for l2 in (0, 0.1):
+        directory = tmp_path / str(l2)
+        run_ncf(
+            "--data", tiny_cache, *SMALL, "-e", 2, "--l2_regularization", l2, "--checkpoint_dir", directory,
+            log_path=directory / "log.json",
+        ).expect_success()  # fmt: skip
+        model = state(directory / "last.pth")["model"]
+        norms[l2] = sum(model[name].norm() for name in model if "embed" in name)
+    assert norms[0.1] < 0.8 * norms[0]
+
+
 # --- bad input --------------------------------------------------------------------------------------
 
 
@@ -459,6 +539,53 @@ def resume_with_other_settings(cache, trained, tmp):
     ]
 
 
+def gmf_start_for_neumf(cache, trained, tmp):
+    torch.save(NeuMF(60, 200, 8, (16, 8), kind="gmf").state_dict(), tmp / "gmf.pth")
+    return ["--data", cache, "--load_checkpoint_path", tmp / "gmf.pth"], ["holds a GMF model, not a NEUMF (--model)"]
+
+
+def pretrained_of_the_wrong_kind(cache, trained, tmp):
+    torch.save(NeuMF(60, 200, 8, (16, 8), kind="mlp").state_dict(), tmp / "mlp.pth")
+    flags = ["--pretrained_gmf", tmp / "mlp.pth", "--pretrained_mlp", tmp / "mlp.pth"]
+    return ["--data", cache, *flags], [f"{tmp / 'mlp.pth'} holds a MLP model, not a GMF"]
+
+
+def pretrained_of_another_size(cache, trained, tmp):
+    torch.save(NeuMF(60, 200, 8, (16, 8), kind="gmf").state_dict(), tmp / "gmf.pth")
+    torch.save(NeuMF(60, 200, 8, (32, 8), kind="mlp").state_dict(), tmp / "mlp.pth")
+    flags = ["--pretrained_gmf", tmp / "gmf.pth", "--pretrained_mlp", tmp / "mlp.pth"]
+    return ["--data", cache, *flags], ["mlp_user_embed.weight is [60, 16] there but [60, 8] here"]
+
+
+def flag_error(*flags_and_fragment):
+    """A bad-input case of flags alone: flag_error(flag, value, ..., expected message fragment)."""
+    *flags, fragment = flags_and_fragment
+
+    def case(cache, trained, tmp):
+        return ["--data", cache, *flags], [fragment]
+
+    case.__name__ = "flags_" + "_".join(str(flag).lstrip("-") for flag in flags)
+    return case
+
+
+FLAG_ERRORS = [
+    flag_error("-l", -0.1, "--learning_rate must be positive and finite, got -0.1"),
+    flag_error("-l", "nan", "--learning_rate must be positive and finite, got nan"),
+    flag_error("-l", "inf", "--learning_rate must be positive and finite, got inf"),
+    flag_error("-b1", 1.0, "--beta1 must be in [0, 1), got 1.0"),
+    flag_error("-b2", -0.5, "--beta2 must be in [0, 1), got -0.5"),
+    flag_error("--eps=-0.5", "--eps must be in [0, inf), got -0.5"),
+    flag_error("--dropout", "nan", "--dropout must be in [0, 1), got nan"),
+    flag_error("--l2_regularization", -1, "--l2_regularization must be in [0, inf), got -1.0"),
+    flag_error("--pretrain_alpha", 1.5, "--pretrain_alpha must be in [0, 1], got 1.5"),
+    flag_error("--patience", 0, "--patience must be at least 1"),
+    flag_error("--threshold", "nan", "--threshold must be a number"),
+    flag_error("--model", "gmf", "--pretrained_gmf", "g.pth", "--pretrained_mlp", "m.pth", "it needs --model neumf"),
+    flag_error("--pretrained_gmf", "g.pth", "needs both --pretrained_gmf and --pretrained_mlp"),
+    flag_error("--pretrained_gmf", "g.pth", "--pretrained_mlp", "m.pth", "--resume", "start a new training run"),
+]
+
+
 BAD_INPUTS = [
     missing_cache,
     corrupt_cache,
@@ -472,6 +599,10 @@ BAD_INPUTS = [
     resume_without_training_state,
     resume_on_another_dataset,
     resume_with_other_settings,
+    gmf_start_for_neumf,
+    pretrained_of_the_wrong_kind,
+    pretrained_of_another_size,
+    *FLAG_ERRORS,
 ]
 
 

@@ -25,8 +25,9 @@ def small_model(seed=0, dropout=0.0, **kwargs):
 
 def ids(model, batch=32, seed=1):
     generator = torch.Generator().manual_seed(seed)
-    users = torch.randint(0, model.mf_user_embed.num_embeddings, (batch,), generator=generator)
-    items = torch.randint(0, model.mf_item_embed.num_embeddings, (batch,), generator=generator)
+    user_table, item_table = model.embeddings()[0]
+    users = torch.randint(0, user_table.num_embeddings, (batch,), generator=generator)
+    items = torch.randint(0, item_table.num_embeddings, (batch,), generator=generator)
     return users, items
 
 
@@ -191,3 +192,92 @@ def test_checkpoint_mismatch_names_the_tensor(tmp_path):
         load_model_weights(small_model(), path)
     with pytest.raises(CliError, match="does not exist"):
         load_model_weights(small_model(), tmp_path / "missing.pth")
+
+
+# --- GMF and MLP, pre-training, L2 --------------------------------------------------------------------
+
+
+def family_model(kind, seed=0):
+    model = small_model(seed=seed, kind=kind).eval()
+    with torch.no_grad():  # spread the logits: an error in any term would show
+        for tables in model.embeddings():
+            for table in tables:
+                table.weight.normal_(0.0, 1.0)
+    return model
+
+
+def test_gmf_is_the_mf_branch_and_the_final_layer():
+    model = family_model("gmf")
+    assert sorted(model.state_dict()) == ["final.bias", "final.weight", "mf_item_embed.weight", "mf_user_embed.weight"]
+    assert model.final.weight.shape == (1, 8)
+    users, items = ids(model)
+    u, v = model.mf_user_embed.weight[users], model.mf_item_embed.weight[items]
+    h, b = model.final.weight[0], model.final.bias[0]
+    expected = torch.stack([(u[j] * v[j] * h).sum() + b for j in range(len(users))])
+    torch.testing.assert_close(model(users, items).detach()[:, 0], expected.detach())
+
+
+def test_mlp_is_the_mlp_branch_and_the_final_layer():
+    model = family_model("mlp")
+    names = ["final.bias", "final.weight", "mlp.0.bias", "mlp.0.weight", "mlp.1.bias", "mlp.1.weight"]
+    assert sorted(model.state_dict()) == names + ["mlp_item_embed.weight", "mlp_user_embed.weight"]
+    assert model.mlp_user_embed.weight.shape == (13, 8) and model.final.weight.shape == (1, 4)
+    users, items = ids(model)
+    expected = []
+    for user, item in zip(users.tolist(), items.tolist(), strict=True):
+        x = torch.cat([model.mlp_user_embed.weight[user], model.mlp_item_embed.weight[item]])
+        for layer in model.mlp:
+            x = torch.clamp(layer.weight @ x + layer.bias, min=0)
+        expected.append(model.final.weight[0] @ x + model.final.bias[0])
+    torch.testing.assert_close(model(users, items).detach()[:, 0], torch.stack(expected).detach())
+
+
+def test_branch_checkpoints_hold_neumf_names_and_load_only_into_their_kind(tmp_path):
+    neumf = small_model().state_dict()
+    for kind in ("gmf", "mlp"):
+        state = small_model(kind=kind).state_dict()
+        assert all(neumf[name].shape == tensor.shape for name, tensor in state.items() if not name.startswith("final"))
+        path = tmp_path / f"{kind}.pth"
+        torch.save(state, path)
+        other = "mlp" if kind == "gmf" else "gmf"
+        with pytest.raises(CliError, match=f"holds a {kind.upper()} model, not a {other.upper()}"):
+            load_model_weights(small_model(kind=other), path)
+        with pytest.raises(CliError, match=f"holds a {kind.upper()} model, not a NEUMF"):
+            load_model_weights(small_model(), path)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.2, 1.0])
+def test_pretrained_neumf_starts_as_the_weighted_sum_of_gmf_and_mlp(alpha):
+    gmf, mlp = family_model("gmf", seed=1), family_model("mlp", seed=2)
+    with torch.no_grad():
+        gmf.final.bias.fill_(0.3)
+        mlp.final.bias.fill_(-1.1)
+    neumf = small_model(seed=3).eval()
+    neumf.init_from_pretrained(gmf, mlp, alpha)
+    users, items = ids(neumf, batch=64)
+    with torch.no_grad():
+        expected = alpha * gmf(users, items) + (1 - alpha) * mlp(users, items)
+        torch.testing.assert_close(neumf(users, items), expected)
+        assert torch.equal(neumf.mf_item_embed.weight, gmf.mf_item_embed.weight)
+        assert torch.equal(neumf.mlp[1].weight, mlp.mlp[1].weight)
+        torch.testing.assert_close(neumf.final.bias, alpha * gmf.final.bias + (1 - alpha) * mlp.final.bias)
+
+
+@pytest.mark.parametrize("kind", ["neumf", "gmf", "mlp"])
+def test_embedding_l2_sums_the_rows_each_sample_uses(kind):
+    model = family_model(kind)
+    users, items = torch.tensor([0, 0, 5]), torch.tensor([3, 3, 3])  # repeated rows count each time
+    expected = sum(
+        user_table.weight[users].pow(2).sum() + item_table.weight[items].pow(2).sum()
+        for user_table, item_table in model.embeddings()
+    )
+    torch.testing.assert_close(model.embedding_l2(users, items), expected)
+    model.embedding_l2(users, items).backward()
+    for user_table, item_table in model.embeddings():  # rows the batch does not use get no gradient
+        assert user_table.weight.grad[[1, 2, 3, 4]].abs().sum() == 0 and item_table.weight.grad[0].abs().sum() == 0
+        torch.testing.assert_close(user_table.weight.grad[0], 4 * user_table.weight[0].detach())
+
+
+def test_unknown_kind_is_rejected():
+    with pytest.raises(ValueError, match="kind"):
+        small_model(kind="ncf")

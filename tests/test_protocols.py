@@ -56,14 +56,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def lively_model(n_users, n_items, factors=8, layers=(16, 8), seed=0):
-    """A random NeuMF in eval mode whose logits spread widely (std ~0.8; the reference init's N(0, 0.01)
+def lively_model(n_users, n_items, factors=8, layers=(16, 8), seed=0, kind="neumf"):
+    """A random model in eval mode whose logits spread widely (std ~0.8; the reference init's N(0, 0.01)
     embeddings make every logit nearly the bias, where a wrong term could hide below the tolerance)."""
     torch.manual_seed(seed)
-    model = NeuMF(n_users, n_items, factors, layers, dropout=0.0).eval()
+    model = NeuMF(n_users, n_items, factors, layers, dropout=0.0, kind=kind).eval()
     with torch.no_grad():
-        for embedding in (model.mf_user_embed, model.mf_item_embed, model.mlp_user_embed, model.mlp_item_embed):
-            embedding.weight.normal_(0.0, 1.0)
+        for tables in model.embeddings():
+            for embedding in tables:
+                embedding.weight.normal_(0.0, 1.0)
     return model
 
 
@@ -82,10 +83,14 @@ def evaluate(model, data, protocol, k=10, valid_batch_size=2**20, autocast=NO_AU
 # --- score_grid ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layers", [(16,), (16, 8), (32, 16, 8), (64, 32, 16, 8)])
-def test_score_grid_equals_forward_for_shared_and_per_user_items(layers):
+@pytest.mark.parametrize(
+    "kind, layers",
+    [("neumf", (16,)), ("neumf", (16, 8)), ("neumf", (32, 16, 8)), ("neumf", (64, 32, 16, 8))]
+    + [("gmf", (16, 8)), ("mlp", (16,)), ("mlp", (32, 16, 8))],
+)
+def test_score_grid_equals_forward_for_shared_and_per_user_items(kind, layers):
     n_users, n_items = 37, 150
-    model = lively_model(n_users, n_items, layers=layers)
+    model = lively_model(n_users, n_items, layers=layers, kind=kind)
     generator = torch.Generator().manual_seed(1)
     users = torch.randperm(n_users, generator=generator)[:29]
     shared = torch.randint(0, n_items, (120,), generator=generator)  # any order, repeats allowed
@@ -102,14 +107,18 @@ def test_score_grid_equals_forward_for_shared_and_per_user_items(layers):
         assert torch.equal(model.score_grid(users.int(), per_user.int()), model.score_grid(users, per_user))
 
 
-@pytest.mark.parametrize("layers, threads", [((16,), 1), ((16, 8), 1), ((64, 32, 16, 8), 1), ((64, 32, 16, 8), 2)])
+@pytest.mark.parametrize(
+    "kind, layers, threads",
+    [("neumf", (16,), 1), ("neumf", (16, 8), 1), ("neumf", (64, 32, 16, 8), 1), ("neumf", (64, 32, 16, 8), 2)]
+    + [("gmf", (16,), 1), ("mlp", (64, 32, 16, 8), 1)],
+)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_score_grid_rows_do_not_depend_on_the_block(layers, threads, precision):
+def test_score_grid_rows_do_not_depend_on_the_block(kind, layers, threads, precision):
     """Blocks of 1, 2, 3, ... users and any chunk size give every user's row to the bit: what makes the
     metrics identical for any --valid_batch_size and any number of processes."""
     torch.set_num_threads(threads)
     n_users, n_items = 40, 150
-    model = lively_model(n_users, n_items, layers=layers)
+    model = lively_model(n_users, n_items, layers=layers, kind=kind)
     users = torch.arange(n_users)
     per_user = torch.randint(0, n_items, (n_users, 101), generator=torch.Generator().manual_seed(2))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else NO_AUTOCAST
