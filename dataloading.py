@@ -286,15 +286,3 @@ def distinct_draws(rng, highs, k):
         result[todo[done]] = draws[done][keep[done]].reshape(-1, k)
         todo, width = todo[~done], 2 * width
     return result
-
-
-def make_evaluator(data, split, protocol, rank, world_size, device):
-    """This rank's share of the evaluation of `split` ("test" or "valid") under `protocol`."""
-    if split != "test":
-        raise CliError("this cache has no validation split; make it with convert.py --validation")
-    if protocol == "full":
-        return FullRanking(data.train, data.test, data.n_items, rank, world_size, device)
-    negatives = data.test_negatives
-    if protocol == "exact":
-        negatives = exact_test_negatives(data, data.meta["valid_negative"], data.meta["seed"])
-    return EvalCandidates(data.test, negatives, rank, world_size, device)

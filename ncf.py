@@ -353,7 +353,8 @@ def test(model, evaluators, args, autocast, logger, log):
     k = args.topk
     line = f"HR@{k} = {metrics[f'hr@{k}']:.4f}, NDCG@{k} = {metrics[f'ndcg@{k}']:.4f}"
     if f"val_hr@{k}" in metrics:
-        line = f"validation HR@{k} = {metrics[f'val_hr@{k}']:.4f}, NDCG@{k} = {metrics[f'val_ndcg@{k}']:.4f}; test {line}"
+        valid = f"HR@{k} = {metrics[f'val_hr@{k}']:.4f}, NDCG@{k} = {metrics[f'val_ndcg@{k}']:.4f}"
+        line = f"validation {valid}; test {line}"
     log(f"{args.load_checkpoint_path} ({args.eval_protocol} protocol): {line}")
     logger.log((), metrics | {"eval_throughput": pairs / elapsed})
 

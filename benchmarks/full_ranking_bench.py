@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import ncf  # noqa: E402
-from dataloading import load_cache  # noqa: E402
+from dataloading import load_cache, make_evaluator  # noqa: E402
 from neumf import NeuMF  # noqa: E402
 from utils import load_model_weights, write_json  # noqa: E402
 
@@ -93,7 +93,7 @@ def time_evaluation(model, data, protocol, precision, batch_size, threads, repea
     torch.set_num_threads(threads)
     args = argparse.Namespace(eval_protocol=protocol, valid_batch_size=batch_size, topk=topk)
     start = time.perf_counter()
-    evaluator = ncf.make_evaluator(args, data, 0, 1, torch.device("cpu"))
+    evaluator = make_evaluator(data, "test", args.eval_protocol, 0, 1, torch.device("cpu"))
     setup = time.perf_counter() - start
     best = None
     for _ in range(repeats):

@@ -454,6 +454,77 @@ def test_l2_regularization_shrinks_the_embeddings(tiny_cache, tmp_path):
     assert norms[0.1] < 0.8 * norms[0]
 
 
+# --- a validation split: model selection never looks at the test set -------------------------------
+
+
+@pytest.fixture(scope="session")
+def validated(tiny_validation_cache, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("validated")
+    run = run_ncf(
+        "--data", tiny_validation_cache, *SMALL, "-e", 4, "--checkpoint_dir", directory,
+        log_path=directory / "log.json",
+    ).expect_success()  # fmt: skip
+    run.dir = directory
+    return run
+
+
+def test_validation_split_is_evaluated_and_selects_the_model(validated, tiny_validation_cache, tmp_path):
+    epochs, final = validated.epochs, validated.final
+    for data in epochs:
+        assert PER_EPOCH_KEYS | {"val_hr@10", "val_ndcg@10", "val_loss"} <= data.keys()
+        assert 0 < data["val_ndcg@10"] <= data["val_hr@10"] <= 1
+    val_hrs = [data["val_hr@10"] for data in epochs]
+    best = val_hrs.index(max(val_hrs))
+    assert final["best_epoch"] == best and final["best_val_accuracy"] == max(val_hrs)
+    assert final["best_accuracy"] == epochs[best]["hr@10"]  # the test HR at the validation-selected epoch
+    assert "model selection on the validation split" in validated.stdout
+    run = run_ncf(
+        "--data", tiny_validation_cache, *SMALL, "--mode", "test", "--load_checkpoint_path",
+        validated.dir / "model.pth", log_path=tmp_path / "log.json",
+    ).expect_success()  # fmt: skip
+    result = run.log[-1]["data"]
+    assert result["hr@10"] == final["best_accuracy"] and result["val_hr@10"] == final["best_val_accuracy"]
+    assert result["ndcg@10"] == epochs[best]["ndcg@10"] and result["val_ndcg@10"] == epochs[best]["val_ndcg@10"]
+
+
+def test_selection_follows_validation_when_test_peaks_elsewhere(tiny_validation_cache, tmp_path, monkeypatch):
+    """A hand-made run: validation HR@10 peaks in epoch 1, test HR@10 in epoch 3."""
+    val_hrs, test_hrs = [0.2, 0.5, 0.4, 0.3, 0.1], [0.1, 0.2, 0.3, 0.9, 0.4]
+    snapshots = []
+
+    def scripted(model, evaluators, args, autocast):
+        assert set(evaluators) == {"valid", "test"}
+        epoch = len(snapshots)
+        snapshots.append({name: tensor.clone() for name, tensor in model.state_dict().items()})
+        metrics = {"hr@10": test_hrs[epoch], "ndcg@10": test_hrs[epoch] / 2, "validation_loss": 0.5}
+        return metrics | {"val_hr@10": val_hrs[epoch], "val_ndcg@10": val_hrs[epoch] / 2, "val_loss": 0.5}, 1
+
+    monkeypatch.setattr(ncf, "evaluate_splits", scripted)
+    args = ncf.parse_args(
+        list(map(str, ["--data", tiny_validation_cache, *SMALL, "-e", 5, "--checkpoint_dir", tmp_path]))
+    )
+    data = ncf.load_cache(args.data)
+    model = ncf.make_model(args, data, torch.device("cpu"))
+    evaluators = ncf.make_evaluators(args, data, 0, 1, torch.device("cpu"))
+    logger = ncf.make_logger(tmp_path / "log.json", True)
+    best = ncf.train(model, evaluators, data, 1, args, torch.device("cpu"), 0, 1, logger, lambda *_: None)
+    logger.close()
+    assert best["epoch"] == 1 and best["hr"] == 0.2 and best["val_hr"] == 0.5
+    final = read_log(tmp_path / "log.json")[-1]["data"]
+    assert (final["best_accuracy"], final["best_val_accuracy"], final["best_epoch"]) == (0.2, 0.5, 1)
+    assert_same_tensors(state(tmp_path / "model.pth"), snapshots[1])
+    assert state(tmp_path / "last.pth")["best"]["epoch"] == 1
+
+
+def test_resume_refuses_a_cache_with_another_split(validated, tiny_cache, tmp_path):
+    shutil.copy(validated.dir / "last.pth", tmp_path / "last.pth")
+    run = run_ncf(
+        "--data", tiny_cache, *SMALL, "-e", 5, "--resume", "--checkpoint_dir", tmp_path,
+        log_path=tmp_path / "log.json",
+    )  # fmt: skip
+    assert_clean_error(run, "with a validation split, --data is not")
+
+
 # --- bad input --------------------------------------------------------------------------------------
 
 

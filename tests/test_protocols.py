@@ -77,7 +77,7 @@ def eval_args(protocol, valid_batch_size=2**20, topk=10):
 def evaluate(model, data, protocol, k=10, valid_batch_size=2**20, autocast=NO_AUTOCAST):
     """(HR@k, NDCG@k, loss) of ncf.evaluate in this process: one rank of one."""
     args = eval_args(protocol, valid_batch_size, k)
-    evaluator = ncf.make_evaluator(args, data, 0, 1, torch.device("cpu"))
+    evaluator = make_evaluator(data, "test", args.eval_protocol, 0, 1, torch.device("cpu"))
     hr, ndcg, loss, _ = ncf.evaluate(model, evaluator, args, autocast)
     return hr, ndcg, loss
 
@@ -351,7 +351,7 @@ def test_small_valid_batch_size_gives_the_same_metrics(tiny_cache, protocol, pre
     data = load_cache(tiny_cache)
     model = lively_model(data.n_users, data.n_items)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else NO_AUTOCAST
-    evaluator = ncf.make_evaluator(eval_args(protocol, 300), data, 0, 1, torch.device("cpu"))
+    evaluator = make_evaluator(data, "test", protocol, 0, 1, torch.device("cpu"))
     assert len(list(ncf.scored_blocks(model, evaluator, 300))) >= 30  # 1 user (full) or 2 users per block
     whole = evaluate(model, data, protocol, valid_batch_size=2**20, autocast=autocast)
     blocks = evaluate(model, data, protocol, valid_batch_size=300, autocast=autocast)
@@ -372,7 +372,7 @@ def test_ranks_share_the_users_and_their_histograms_add_up(protocol, world_size)
     users = []
     with torch.inference_mode():
         for rank in range(world_size):
-            evaluator = ncf.make_evaluator(args, data, rank, world_size, torch.device("cpu"))
+            evaluator = make_evaluator(data, "test", args.eval_protocol, rank, world_size, torch.device("cpu"))
             users.append(evaluator.users.long())
             for logits, counted in ncf.scored_blocks(model, evaluator, args.valid_batch_size):
                 total += rank_histogram(logits, counted, 10)
