@@ -82,16 +82,23 @@ def test_convert_bench_prints_the_comparison(tmp_path):
     assert figures["cache"]["n_users"] == 943
 
 
-def test_accuracy_bench_reports_per_epoch(shared_data, tmp_path):
+def test_accuracy_bench_reports_each_model_over_seeds(shared_data, tmp_path):
     result = run(
-        "benchmarks/accuracy.py", "--datasets", "ml-100k", "--settings", "reference-b65536", "--epochs", 1,
-        "--workdir", tmp_path, "--json", tmp_path / "a.json",
+        "benchmarks/accuracy.py", "--datasets", "ml-100k", "--settings", "neumf-pre", "--seeds", 1, 2,
+        "--epochs", 1, "--workdir", tmp_path, "--json", tmp_path / "a.json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     header, rows = table(result.stdout)
-    assert header[:2] == ["dataset / setting", "best HR@10"] and len(rows) == 1
-    hr = float(rows[0][1])
-    assert 0.2 < hr < 1.0  # one epoch on ML-100k: about 0.4; random scores give about 0.1
-    assert json.loads((tmp_path / "a.json").read_text())["ml-100k reference-b65536"]["epochs"][0][
-        "hr@10"
-    ] == pytest.approx(hr, abs=5e-5)
+    assert header[:4] == ["dataset", "model", "test HR@10", "test NDCG@10"]
+    assert [row[1] for row in rows] == ["gmf", "mlp", "neumf-pre"]  # the branches are trained first
+    runs = json.loads((tmp_path / "a.json").read_text())
+    for row in rows:
+        seeds = runs[f"ml-100k {row[1]}"]
+        assert [r["seed"] for r in seeds] == [1, 2] and all(r["epochs"] == 1 for r in seeds)
+        hrs = [r["hr@10"] for r in seeds]
+        mean, std = (float(x) for x in row[2].split(" ± "))
+        assert mean == pytest.approx(sum(hrs) / 2, abs=5e-5) and std == pytest.approx(
+            abs(hrs[0] - hrs[1]) / 2**0.5, abs=5e-5
+        )
+        assert all(0.2 < hr < 1.0 for hr in hrs)  # one epoch on ML-100k: about 0.4; random scores give about 0.1
+    assert (tmp_path / "checkpoints" / "ml-100k-neumf-pre-seed2" / "model.pth").exists()
