@@ -17,6 +17,9 @@ test_negatives.pt [N_users, valid_negative] (int32, user and item columns), user
 item_ids.csv (line k is the raw id of dense id k) and metadata.json; with --validation also
 valid_ratings.pt [N_users, 2] and valid_negatives.pt [N_users, valid_negative]. It is written to a
 temporary directory and renamed into place, so an interrupted run never leaves a cache that loads.
+
+--format ncf-paper reads the split the NCF paper published instead (NAME.train.rating, NAME.test.rating,
+NAME.test.negative side by side) and keeps its ids, test items and negatives as they are.
 """
 
 import argparse
@@ -47,7 +50,7 @@ SORT_BLOCK_ROWS = 4096  # rows per block when sorting a file grouped by user
 CHUNK_ROWS = 1 << 20  # rows per chunk of the steps that work chunk by chunk
 SEARCH_BLOCK_USERS = 1024  # users per block when mapping ranks to free items
 DRAW_BLOCK_USERS = 4096  # users per random stream of the test negatives (part of what a seed means)
-FORMATS = ("ml-20m", "ml-1m", "ml-100k", "custom")
+FORMATS = ("ml-20m", "ml-1m", "ml-100k", "custom", "ncf-paper")
 TRAIN_FILE = "train_ratings.pt"
 TEST_FILE = "test_ratings.pt"
 NEGATIVES_FILE = "test_negatives.pt"
@@ -57,6 +60,7 @@ METADATA_FILE = "metadata.json"
 CACHE_FILES = (TRAIN_FILE, TEST_FILE, NEGATIVES_FILE, USER_IDS_FILE, ITEM_IDS_FILE, METADATA_FILE)
 VALID_FILE = "valid_ratings.pt"
 VALID_NEGATIVES_FILE = "valid_negatives.pt"
+NCF_PAPER_SUFFIXES = (".train.rating", ".test.rating", ".test.negative")  # the NCF paper's split of a dataset
 
 # How each format lays out its columns: delimiter, whether a header names them, and the
 # (user, item, timestamp) column names or positions.
@@ -67,16 +71,19 @@ NUMPY_TYPES = {pa.int32(): np.dtype(np.int32), pa.int64(): np.dtype(np.int64), p
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--path", help="ratings file (ratings.csv, ratings.dat, u.data, a CSV); unused by --check")
+    parser.add_argument(
+        "--path", help="ratings file (ratings.csv, ratings.dat, u.data, a CSV, NAME.train.rating); unused by --check"
+    )
     parser.add_argument("--output", required=True, help="cache directory to write")
     parser.add_argument(
         "--format",
         default="auto",
         choices=("auto",) + FORMATS,
-        help="input format; 'auto' guesses from the file name (ratings.csv, ratings.dat, u.data)",
+        help="input format; 'auto' guesses from the file name (ratings.csv, ratings.dat, u.data, *.train.rating)",
     )
-    parser.add_argument("--min_ratings", type=int, default=20, help="drop users with fewer interactions")
-    parser.add_argument("--valid_negative", type=int, default=100, help="test negatives per user")
+    # no defaults in the parser: --format ncf-paper refuses both (its users and negatives are the paper's)
+    parser.add_argument("--min_ratings", type=int, help="drop users with fewer interactions (default 20)")
+    parser.add_argument("--valid_negative", type=int, help="test negatives per user (default 100)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the test-negative draw")
     parser.add_argument(
         "--validation",
@@ -102,6 +109,8 @@ def guess_format(path):
         return guesses[name]
     if name.endswith(".csv"):
         return "custom"
+    if name.endswith(NCF_PAPER_SUFFIXES[0]):
+        return "ncf-paper"
     raise CliError(f"cannot guess the format of {path}; pass --format ({', '.join(FORMATS)})")
 
 
@@ -117,7 +126,7 @@ def layout(path, fmt):
         return ",", True, ML20M_COLUMNS, None
     if fmt == "ml-1m":  # `::` read as ':' with empty fields between
         return ":", False, (0, 2, 6), 7
-    if fmt == "ml-100k":
+    if fmt in ("ml-100k", "ncf-paper"):  # the NCF paper's NAME.train.rating and NAME.test.rating too
         return "\t", False, (0, 1, 3), 4
     header = [field.strip().lower() for field in first_line(path).split(",")]
     if "user_id" in header or "item_id" in header:
@@ -287,12 +296,90 @@ def diagnose(path, fmt):
     return None
 
 
-def sha256_of(path, result):
+def sha256_of(paths, result):
+    """The SHA-256 of the files' bytes one after the other (what `cat PATHS | sha256sum` prints)."""
     digest, buffer = hashlib.sha256(), memoryview(bytearray(1 << 20))  # one buffer: no allocation per read
-    with open(path, "rb", buffering=0) as file:
-        while size := file.readinto(buffer):
-            digest.update(buffer[:size])
+    for path in paths:
+        with open(path, "rb", buffering=0) as file:
+            while size := file.readinto(buffer):
+                digest.update(buffer[:size])
     result.append(digest.hexdigest())
+
+
+def ncf_paper_paths(path):
+    """NAME.train.rating and, beside it, NAME.test.rating and NAME.test.negative."""
+    path = Path(path)
+    train_suffix = NCF_PAPER_SUFFIXES[0]
+    if not path.name.endswith(train_suffix) or path.name == train_suffix:
+        raise CliError(f"--format ncf-paper reads NAME{train_suffix} (its NAME.test.* files beside it), not {path}")
+    paths = [path.with_name(path.name[: -len(train_suffix)] + suffix) for suffix in NCF_PAPER_SUFFIXES]
+    for sibling in paths:
+        if not sibling.is_file():
+            names = ", ".join(p.name for p in paths)
+            raise CliError(f"{sibling} does not exist (the NCF paper's split is three files side by side: {names})")
+    return paths
+
+
+def read_ncf_paper(train_path, test_path, negatives_path):
+    """The paper's training columns (user, item, timestamp), each user's test item (user u on line u + 1)
+    and its negatives [n_users, per_user], checked against each other."""
+    users, items, times = (np.concatenate(column) for column in read_ratings(train_path, "ncf-paper"))
+    test_users, test_items, _ = (np.concatenate(column) for column in read_ratings(test_path, "ncf-paper"))
+    misplaced = np.flatnonzero(test_users != np.arange(len(test_users)))
+    if len(misplaced):
+        row = misplaced[0]
+        raise CliError(
+            f"{test_path}: line {line_number(test_path, row, False)}: user {test_users[row]} where user {row} was "
+            "expected (one line per user 0, 1, 2, ... in order)"
+        )
+    strangers = np.flatnonzero(users >= len(test_users))
+    if len(strangers):
+        row = strangers[0]
+        raise CliError(
+            f"{train_path}: line {line_number(train_path, row, False)}: user {users[row]} has no line in "
+            f"{test_path.name} (users 0 to {len(test_users) - 1})"
+        )
+    return users, items, times, test_items, read_ncf_negatives(negatives_path, test_items, test_path.name)
+
+
+def read_ncf_negatives(path, test_items, test_name):
+    """[n_users, per_user] int64 from NAME.test.negative: line u + 1 is `(u,test item)`, then its negatives,
+    tab-separated, as many on every line."""
+    pair = re.compile(r"\((\d+),(\d+)\)")
+    rows, line_numbers = [], []
+    with open(path, encoding="utf-8", errors="replace") as file:
+        for number, line in enumerate(file, start=1):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            first, *negatives = line.split("\t")
+            user = len(rows)
+            match = pair.fullmatch(first)
+            if not match:
+                raise CliError(f"{path}: line {number}: expected '(user,item)' first, got {first!r}")
+            if user == len(test_items):
+                raise CliError(f"{path}: line {number}: more lines than {test_name} has users ({len(test_items)})")
+            if (int(match[1]), int(match[2])) != (user, test_items[user]):
+                raise CliError(
+                    f"{path}: line {number}: {first} disagrees with {test_name}, where user {user}'s test item is "
+                    f"{test_items[user]}"
+                )
+            if not negatives or (rows and len(negatives) != len(rows[0])):
+                expected = f"as many as line {line_numbers[0]} ({len(rows[0])})" if rows else "at least one"
+                raise CliError(f"{path}: line {number}: {len(negatives)} negatives, expected {expected}")
+            try:
+                rows.append([int(item) for item in negatives])
+            except ValueError:
+                bad = next((item for item in negatives if not re.fullmatch(r"\s*-?\d+\s*", item)), "")
+                raise CliError(f"{path}: line {number}: negative item {bad!r} is not an integer") from None
+            line_numbers.append(number)
+    if len(rows) < len(test_items):
+        raise CliError(f"{path} has {len(rows)} lines for the {len(test_items)} users of {test_name}")
+    negatives = np.array(rows, dtype=np.int64)
+    below_zero = np.flatnonzero((negatives < 0).any(axis=1))
+    if len(below_zero):
+        raise CliError(f"{path}: line {line_numbers[below_zero[0]]}: negative item id {negatives[below_zero[0]].min()}")
+    return negatives
 
 
 # --- processing -------------------------------------------------------------------------------
@@ -554,17 +641,17 @@ def split_seed(seed, split):
     return seed if split == "test" else [seed, 1]
 
 
+def too_few_for_validation(train_keys, item_bits, n_users):
+    """How many users have fewer than 2 training keys (the validation key among them): holding one out
+    would leave them nothing to train on."""
+    return np.count_nonzero(np.diff(user_starts(train_keys, 1 << item_bits, n_users)) < 2)
+
+
 def hold_out_validation(train_keys, test_keys, valid_keys, n_users, n_items, item_bits, valid_negative, seed):
     """The training keys without each user's validation key and the validation negatives, drawn as the
     test negatives among the items that are neither the user's training positives nor its test item
     (the validation item may be drawn: evaluation masks it). Works in train_keys' memory."""
     stride = 1 << item_bits
-    light = np.count_nonzero(np.diff(user_starts(train_keys, stride, n_users)) < 2)  # training + validation
-    if light:
-        raise CliError(
-            f"--validation needs 3 distinct interactions per user (training, validation, test): {light:,} of the "
-            f"{n_users:,} users have fewer; drop them with --min_ratings 3 or more"
-        )
     # each user's validation key becomes its test key: the user's keys stay together, only their order
     # within the user changes, which the block sort of whole users restores
     keys = train_keys
@@ -605,6 +692,12 @@ def build(raw_users, raw_items, raw_times, min_ratings, valid_negative, seed, va
     negatives = sample_test_negatives(train_keys, 1 << item_bits, n_users, n_items, valid_negative, seed)
     cache = {}
     if validation:
+        light = too_few_for_validation(train_keys, item_bits, n_users)
+        if light:
+            raise CliError(
+                f"--validation needs 3 distinct interactions per user (training, validation, test): {light:,} of "
+                f"the {n_users:,} users have fewer; drop them with --min_ratings 3 or more"
+            )
         train_keys, cache["valid_negatives"] = hold_out_validation(
             train_keys, test_keys, valid_keys, n_users, n_items, item_bits, valid_negative, seed
         )
@@ -616,6 +709,56 @@ def build(raw_users, raw_items, raw_times, min_ratings, valid_negative, seed, va
         "user_ids": kept_users if raw_user_ids is None else raw_user_ids[kept_users],
         "item_ids": item_order if raw_item_ids is None else raw_item_ids[item_order],
     }
+
+
+def build_ncf_paper(train_path, test_path, negatives_path, seed, validation):
+    """The cache of the NCF paper's split, with its ids, test items and negatives as they are; the number
+    of ratings read (training and test lines); notes on what was dropped or kept although unusual."""
+    users, items, times, test_items, negatives = read_ncf_paper(train_path, test_path, negatives_path)
+    n_users, per_user = negatives.shape
+    n_items = int(max(items.max(), test_items.max(), negatives.max())) + 1
+    item_bits = bits(n_items - 1)
+    keys = (users.astype(np.int64) << item_bits) | items
+    train_keys, first_rows = np.unique(keys, return_index=True)  # sorted; the first line of each pair
+    test_keys = (np.arange(n_users, dtype=np.int64) << item_bits) | test_items
+    notes = []
+    if len(train_keys) < len(keys):
+        notes.append(f"{train_path.name}: {len(keys) - len(train_keys):,} repeated pairs dropped (the first line kept)")
+    trained = np.flatnonzero(np.isin(test_keys, train_keys))
+    if len(trained):
+        notes.append(
+            f"{test_path.name}: {len(trained):,} test pairs are training pairs too: kept in both, as the paper's code "
+            "trains on every line of its training file"
+        )
+    cache = {}
+    if validation:
+        if len(trained):
+            user = trained[0]
+            raise CliError(
+                f"{test_path}: line {line_number(test_path, user, False)}: user {user}'s test item is also one of its "
+                f"training items in {train_path.name}; --validation needs them apart"
+            )
+        light = too_few_for_validation(train_keys, item_bits, n_users)
+        if light:
+            raise CliError(
+                f"--validation needs 2 training pairs per user in {train_path.name} (one becomes its validation pair): "
+                f"{light:,} of the {n_users:,} users have fewer"
+            )
+        kept = np.sort(first_rows)
+        kept_keys = keys[kept]
+        valid_keys = kept_keys[latest_rows(kept_keys, [times[kept]], n_users, item_bits)]
+        train_keys, cache["valid_negatives"] = hold_out_validation(
+            train_keys, test_keys, valid_keys, n_users, n_items, item_bits, per_user, seed
+        )
+        cache["valid"] = pairs_in_place(valid_keys, item_bits)
+    cache |= {
+        "train": pairs_in_place(train_keys, item_bits),
+        "test": pairs_in_place(test_keys, item_bits),
+        "negatives": negatives,
+        "user_ids": np.arange(n_users),
+        "item_ids": np.arange(n_items),
+    }
+    return cache, len(keys) + n_users, notes
 
 
 # --- the cache on disk ------------------------------------------------------------------------
@@ -736,24 +879,36 @@ def main():
         read_metadata(args.output)
         print(f"{args.output} holds a valid cache")
         return
-    if args.min_ratings < 1:
+    fmt = guess_format(args.path) if args.format == "auto" else args.format
+    if fmt == "ncf-paper":
+        for flag in ("min_ratings", "valid_negative"):
+            if getattr(args, flag) is not None:
+                raise CliError(f"--{flag} does not apply to --format ncf-paper (its users and negatives are given)")
+    min_ratings = 20 if args.min_ratings is None else args.min_ratings
+    valid_negative = 100 if args.valid_negative is None else args.valid_negative
+    if min_ratings < 1:
         raise CliError("--min_ratings must be at least 1")
-    if args.valid_negative < 1:
+    if valid_negative < 1:
         raise CliError("--valid_negative must be at least 1")
     if args.seed < 0:
         raise CliError("--seed must be non-negative")
-    fmt = guess_format(args.path) if args.format == "auto" else args.format
-    columns = read_ratings(args.path, fmt)
-    n_ratings_read = sum(len(chunk) for chunk in columns[0])
-    # hash the file beside the processing, whose single-threaded steps leave a core free
-    digest = []
-    hasher = threading.Thread(target=sha256_of, args=(args.path, digest))
-    hasher.start()
-    cache = build(*columns, args.min_ratings, args.valid_negative, args.seed, args.validation)
-    # free the file's columns before writing: the cache files' pages reuse their memory while it is warm
-    del columns
-    pa.default_memory_pool().release_unused()
-    hasher.join()
+    digest, notes = [], []
+    if fmt == "ncf-paper":
+        paths = ncf_paper_paths(args.path)
+        cache, n_ratings_read, notes = build_ncf_paper(*paths, args.seed, args.validation)
+        sha256_of(paths, digest)  # the three files, one after the other
+        min_ratings, valid_negative = None, cache["negatives"].shape[1]
+    else:
+        columns = read_ratings(args.path, fmt)
+        n_ratings_read = sum(len(chunk) for chunk in columns[0])
+        # hash the file beside the processing, whose single-threaded steps leave a core free
+        hasher = threading.Thread(target=sha256_of, args=([args.path], digest))
+        hasher.start()
+        cache = build(*columns, min_ratings, valid_negative, args.seed, args.validation)
+        # free the file's columns before writing: the cache files' pages reuse their memory while it is warm
+        del columns
+        pa.default_memory_pool().release_unused()
+        hasher.join()
     meta = {
         "format_version": FORMAT_VERSION,
         "format": fmt,
@@ -764,8 +919,8 @@ def main():
         "n_items": len(cache["item_ids"]),
         "n_train": len(cache["train"]),
         "n_test": len(cache["test"]),
-        "min_ratings": args.min_ratings,
-        "valid_negative": args.valid_negative,
+        "min_ratings": min_ratings,
+        "valid_negative": valid_negative,
         "seed": args.seed,
         "user_id_type": "int" if cache["user_ids"].dtype.kind == "i" else "str",
         "item_id_type": "int" if cache["item_ids"].dtype.kind == "i" else "str",
@@ -778,6 +933,8 @@ def main():
         f"{args.output}: {meta['n_users']:,} users, {meta['n_items']:,} items, "
         f"{counts} and {meta['n_test']:,} test ratings"
     )
+    for note in notes:
+        print(f"note: {note}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import convert
+import dataloading
 from utils import CliError, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -683,6 +684,144 @@ def test_without_validation_the_cache_keeps_its_bytes_and_with_it_its_test_split
         convert.read_metadata(split)
 
 
+# --- the NCF paper's files (--format ncf-paper) ---------------------------------------------
+
+
+def write_ncf_paper(directory, name, train, test, negatives, train_times=None):
+    """NAME.train.rating, NAME.test.rating and NAME.test.negative in the paper's layout; returns the first."""
+    times = range(len(train)) if train_times is None else train_times
+    lines = [f"{u}\t{i}\t5\t{t}\n" for (u, i), t in zip(train, times, strict=True)]
+    (directory / f"{name}.train.rating").write_text("".join(lines))
+    (directory / f"{name}.test.rating").write_text("".join(f"{u}\t{i}\t4\t{10**9 + u}\n" for u, i in test))
+    rows = ["\t".join([f"({u},{i})", *map(str, row)]) + "\n" for (u, i), row in zip(test, negatives, strict=True)]
+    (directory / f"{name}.test.negative").write_text("".join(rows))
+    return directory / f"{name}.train.rating"
+
+
+def test_ncf_paper_files_round_trip(tiny_cache, tmp_path):
+    """A cache written out as the paper's three files (training lines shuffled) converts back to the same
+    training pairs, test pairs and negatives, with the ids as they are."""
+    original = load_cache(tiny_cache)
+    train = original["train"][np.random.default_rng(0).permutation(len(original["train"]))].tolist()
+    source = write_ncf_paper(tmp_path, "tiny", train, original["test"].tolist(), original["negatives"].tolist())
+    result = convert_ok("--format", "ncf-paper", "--path", source, "--output", tmp_path / "cache")
+    back = load_cache(tmp_path / "cache")
+    for name in ("train", "test", "negatives"):
+        assert np.array_equal(back[name], original[name]), name
+    assert back["user_ids"] == [str(user) for user in range(60)]
+    assert back["item_ids"] == [str(item) for item in range(200)]
+    siblings = [source.with_name(f"tiny{suffix}") for suffix in (".train.rating", ".test.rating", ".test.negative")]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in siblings)).hexdigest()
+    assert back["meta"] == original["meta"] | {
+        "format": "ncf-paper",
+        "source": "tiny.train.rating",
+        "source_sha256": digest,  # of the three files, one after the other
+        "n_ratings_read": len(train) + 60,
+        "min_ratings": None,
+    }
+    assert "note" not in result.stdout
+    # the name is enough to guess the format
+    convert_ok("--path", source, "--output", tmp_path / "guessed")
+    assert cache_digest(tmp_path / "guessed") == cache_digest(tmp_path / "cache")
+
+
+def test_ncf_paper_repeated_pairs_and_test_pairs_among_the_training_pairs(tmp_path):
+    """A repeated training pair is kept once (and said so); a test pair that is also a training pair stays in
+    both (said so too), as the paper's code, which trains on every line of its training file."""
+    train = [(0, 1), (0, 2), (0, 1), (1, 3), (1, 4)]
+    source = write_ncf_paper(tmp_path, "x", train, [(0, 5), (1, 4)], [[6, 7], [0, 8]])
+    result = convert_ok("--path", source, "--output", tmp_path / "cache")
+    cache = load_cache(tmp_path / "cache")
+    assert cache["train"].tolist() == [[0, 1], [0, 2], [1, 3], [1, 4]]
+    assert cache["test"].tolist() == [[0, 5], [1, 4]]
+    assert cache["meta"]["n_items"] == 9 and cache["meta"]["n_ratings_read"] == 7
+    assert result.stdout.splitlines()[1:] == [
+        "note: x.train.rating: 1 repeated pairs dropped (the first line kept)",
+        "note: x.test.rating: 1 test pairs are training pairs too: kept in both, as the paper's code trains on "
+        "every line of its training file",
+    ]
+
+
+def naive_latest_train_items(lines):
+    """{user: item of its latest training line (time, then line; a repeated pair keeps its first line)}."""
+    first = {}
+    for row, (user, item, time) in enumerate(lines):
+        first.setdefault((user, item), (time, row))
+    latest = {}
+    for (user, item), order in first.items():
+        if user not in latest or order > latest[user][0]:
+            latest[user] = (order, item)
+    return {user: item for user, (_, item) in latest.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ncf_paper_with_validation_holds_out_the_latest_training_pair(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    n_users, n_items, per_user = 30, 25, 9
+    lines, test, negatives = [], [], []
+    for user in range(n_users):
+        items = rng.permutation(n_items)
+        test.append((user, int(items[0])))
+        negatives.append(rng.choice(items[1:], per_user).tolist())  # never training items here: free to choose
+        mine = rng.choice(items[per_user + 1 :], rng.integers(2, 8), replace=False)
+        mine = np.r_[mine, rng.choice(mine, 2)]  # repeated pairs, later lines
+        lines += [(user, int(item), int(time)) for item, time in zip(mine, rng.integers(0, 3, len(mine)), strict=True)]
+    order = rng.permutation(len(lines))
+    lines = [lines[row] for row in order]
+    source = write_ncf_paper(tmp_path, "x", [line[:2] for line in lines], test, negatives, [line[2] for line in lines])
+    convert_ok("--path", source, "--output", tmp_path / "plain")
+    convert_ok("--path", source, "--output", tmp_path / "split", "--validation", "--seed", seed)
+    plain, split = load_cache(tmp_path / "plain"), load_cache(tmp_path / "split")
+    assert split["meta"]["validation"] is True and split["meta"]["valid_negative"] == per_user
+    assert split["test"].tolist() == [list(pair) for pair in test] and split["negatives"].tolist() == negatives
+    check_validation_split(plain, split, {str(u): str(i) for u, i in naive_latest_train_items(lines).items()})
+
+
+def test_ncf_paper_ml_1m(shared_data, tmp_path):
+    """The paper's ML-1m test files with a training file rebuilt for users 0-2998 from the ratings prefix
+    (SOURCES.md: NCF user = UserID - 1, NCF item = rank of the MovieID's first appearance; training = the
+    user's ratings but its test item): the cache holds the paper's test items and negatives exactly."""
+    frame = pd.read_csv(
+        shared_data / "ml-1m" / "ratings.PARTIAL-users-1-2999.dat",
+        sep=":",
+        header=None,
+        usecols=[0, 2, 4, 6],
+        names=["user", "movie", "rating", "time"],
+    )
+    frame["user"] -= 1
+    frame["item"] = pd.factorize(frame["movie"])[0]
+    paper = shared_data / "ncf-paper"
+    test = pd.read_csv(paper / "ml-1m.test.rating", sep="\t", header=None, names=["user", "item", "rating", "time"])
+    test = test[test["user"] < 2_999]
+    is_test = frame["item"].to_numpy() == test["item"].to_numpy()[frame["user"]]
+    assert is_test.sum() == 2_999  # each test item is one of the user's ratings
+    frame[~is_test][["user", "item", "rating", "time"]].to_csv(
+        tmp_path / "ml-1m.train.rating", sep="\t", header=False, index=False
+    )
+    test.to_csv(tmp_path / "ml-1m.test.rating", sep="\t", header=False, index=False)
+    negative_lines = (paper / "ml-1m.test.negative").read_text().splitlines(keepends=True)[:2_999]
+    (tmp_path / "ml-1m.test.negative").write_text("".join(negative_lines))
+    convert_ok("--path", tmp_path / "ml-1m.train.rating", "--output", tmp_path / "cache")
+    cache = load_cache(tmp_path / "cache")
+    meta = cache["meta"]
+    assert (meta["n_users"], meta["n_items"], meta["n_train"], meta["valid_negative"]) == (2_999, 3_706, 484_651, 99)
+    assert cache["test"].tolist() == test[["user", "item"]].to_numpy().tolist()
+    paper_negatives = [[int(item) for item in line.split("\t")[1:]] for line in negative_lines]
+    assert cache["negatives"].tolist() == paper_negatives
+    # the training pairs are the ratings less the test pairs, and no paper negative is one of them
+    train_keys = cache["train"] @ [4_096, 1]
+    assert np.array_equal(train_keys, np.sort(frame[~is_test][["user", "item"]].to_numpy() @ [4_096, 1]))
+    assert not np.isin(np.arange(2_999)[:, None] * 4_096 + cache["negatives"], train_keys).any()
+    # our evaluation sees the paper's protocol: 99 negatives, the test item among them for a few users, not counted
+    data = dataloading.load_cache(tmp_path / "cache")
+    evaluator = dataloading.make_evaluator(data, "test", "reference", 0, 1, torch.device("cpu"))
+    own = (data.test_negatives == data.test[:, 1:]).any(dim=1)
+    assert 0 < own.sum() < 2_999 // 10
+    assert torch.equal(
+        evaluator.counted.sum(dim=1)[own], 99 - (data.test_negatives == data.test[:, 1:])[own].sum(dim=1)
+    )
+
+
 # --- the cache on disk ------------------------------------------------------------------------
 
 
@@ -839,6 +978,26 @@ def keep_everything_into(output):
 # --- bad input --------------------------------------------------------------------------------
 
 GOOD = "userId,movieId,rating,timestamp\n1,10,4.0,100\n1,20,4.0,101\n1,30,3.0,102\n2,10,1.0,100\n2,20,2.0,105\n"
+# the NCF paper's three files for 3 users, 10 items, 3 negatives per user
+GOOD_NCF = {
+    "x.train.rating": "0\t1\t5\t10\n0\t2\t5\t11\n1\t3\t5\t12\n1\t4\t5\t13\n2\t5\t5\t14\n2\t6\t5\t15\n",
+    "x.test.rating": "0\t7\t4\t20\n1\t8\t4\t21\n2\t9\t4\t22\n",
+    "x.test.negative": "(0,7)\t3\t4\t5\n(1,8)\t0\t1\t2\n(2,9)\t0\t1\t2\n",
+}
+NCF_ARGS = ["--path", "{dir}/x.train.rating", "--format", "ncf-paper"]
+
+
+def ncf_files(name, old, new):
+    """GOOD_NCF with `old` replaced by `new` in file NAME (new None: without that file)."""
+    files = dict(GOOD_NCF)
+    if new is None:
+        del files[name]
+    else:
+        assert old in files[name]
+        files[name] = files[name].replace(old, new)
+    return files
+
+
 # name: (files to create, arguments ({dir} is the case's directory), what the message must contain).
 # --output is {dir}/cache unless given.
 BAD_INPUTS = {
@@ -964,6 +1123,91 @@ BAD_INPUTS = {
         "fewer; drop them with --min_ratings 3 or more",
     ),
     "format cannot be guessed": ({"ratings.txt": GOOD}, ["--path", "{dir}/ratings.txt"], "cannot guess the format"),
+    "ncf-paper: not a .train.rating": (
+        {"x.rating": GOOD_NCF["x.train.rating"]},
+        ["--path", "{dir}/x.rating", "--format", "ncf-paper"],
+        "--format ncf-paper reads NAME.train.rating (its NAME.test.* files beside it), not ",
+    ),
+    "ncf-paper: missing test.negative": (
+        ncf_files("x.test.negative", "", None),
+        NCF_ARGS,
+        "x.test.negative does not exist (the NCF paper's split is three files side by side: x.train.rating, "
+        "x.test.rating, x.test.negative)",
+    ),
+    "ncf-paper: missing test.rating": (ncf_files("x.test.rating", "", None), NCF_ARGS, "x.test.rating does not exist"),
+    "ncf-paper: malformed training line": (
+        ncf_files("x.train.rating", "0\t2\t5\t11\n", "0\t2\t11\n"),
+        NCF_ARGS,
+        "x.train.rating: line 2: expected 4 fields, got 3",
+    ),
+    "ncf-paper: training user without a test line": (
+        ncf_files("x.train.rating", "2\t6\t5\t15\n", "2\t6\t5\t15\n3\t6\t5\t16\n"),
+        NCF_ARGS,
+        "x.train.rating: line 7: user 3 has no line in x.test.rating (users 0 to 2)",
+    ),
+    "ncf-paper: test users out of order": (
+        ncf_files("x.test.rating", "1\t8\t4\t21\n2\t9", "2\t9\t4\t22\n1\t8"),
+        NCF_ARGS,
+        "x.test.rating: line 2: user 2 where user 1 was expected (one line per user 0, 1, 2, ... in order)",
+    ),
+    "ncf-paper: a negative line disagrees with the test rating": (
+        ncf_files("x.test.negative", "(1,8)", "(1,9)"),
+        NCF_ARGS,
+        "x.test.negative: line 2: (1,9) disagrees with x.test.rating, where user 1's test item is 8",
+    ),
+    "ncf-paper: no (user,item)": (
+        ncf_files("x.test.negative", "(2,9)\t", "2\t9\t"),
+        NCF_ARGS,
+        "x.test.negative: line 3: expected '(user,item)' first, got '2'",
+    ),
+    "ncf-paper: fewer negatives on a line": (
+        ncf_files("x.test.negative", "(2,9)\t0\t1\t2", "(2,9)\t0\t1"),
+        NCF_ARGS,
+        "x.test.negative: line 3: 2 negatives, expected as many as line 1 (3)",
+    ),
+    "ncf-paper: a non-integer negative": (
+        ncf_files("x.test.negative", "(1,8)\t0\t1", "(1,8)\t0\tone"),
+        NCF_ARGS,
+        "x.test.negative: line 2: negative item 'one' is not an integer",
+    ),
+    "ncf-paper: a negative item id": (
+        ncf_files("x.test.negative", "(1,8)\t0", "(1,8)\t-4"),
+        NCF_ARGS,
+        "x.test.negative: line 2: negative item id -4",
+    ),
+    "ncf-paper: a user without negatives": (
+        ncf_files("x.test.negative", "(2,9)\t0\t1\t2\n", ""),
+        NCF_ARGS,
+        "x.test.negative has 2 lines for the 3 users of x.test.rating",
+    ),
+    "ncf-paper: more negative lines than users": (
+        ncf_files("x.test.negative", "(2,9)\t0\t1\t2\n", "(2,9)\t0\t1\t2\n(3,9)\t0\t1\t2\n"),
+        NCF_ARGS,
+        "x.test.negative: line 4: more lines than x.test.rating has users (3)",
+    ),
+    "ncf-paper: --min_ratings": (
+        GOOD_NCF,
+        NCF_ARGS + ["--min_ratings", "20"],
+        "--min_ratings does not apply to --format ncf-paper (its users and negatives are given)",
+    ),
+    "ncf-paper: --valid_negative": (
+        GOOD_NCF,
+        NCF_ARGS + ["--valid_negative", "3"],
+        "--valid_negative does not apply to --format ncf-paper",
+    ),
+    "ncf-paper: validation with a single training pair": (
+        ncf_files("x.train.rating", "2\t6\t5\t15\n", ""),
+        NCF_ARGS + ["--validation"],
+        "--validation needs 2 training pairs per user in x.train.rating (one becomes its validation pair): 1 of the "
+        "3 users have fewer",
+    ),
+    "ncf-paper: validation with a test pair among the training pairs": (
+        ncf_files("x.test.rating", "1\t8", "1\t4")
+        | {"x.test.negative": GOOD_NCF["x.test.negative"].replace("(1,8)", "(1,4)")},
+        NCF_ARGS + ["--validation"],
+        "x.test.rating: line 2: user 1's test item is also one of its training items in x.train.rating; "
+        "--validation needs them apart",
+    ),
 }
 ARGPARSE_ERRORS = {"unknown format", "no --path"}  # argparse prints its usage before the one error line
 # Each CLI run pays ~1.5 s to import torch, so every case runs in process (the same run_main(main)
@@ -977,6 +1221,8 @@ CLI_CASES = [
     "unwritable output",
     "output is a directory that is not a cache",
     "validation with a user of two interactions",
+    "ncf-paper: missing test.negative",
+    "ncf-paper: a negative line disagrees with the test rating",
 ]
 
 
