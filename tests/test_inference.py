@@ -154,7 +154,7 @@ def test_benchmark_takes_sizes_from_a_ddp_checkpoint_in_bf16(cli, model_path, tm
     runs = "--batch_sizes 1 4 --num_batches 12 --bf16 --device cpu".split()
     code, out, err = cli("--load_checkpoint_path", model_path, *runs, "--log_path", tmp_path / "log.json")
     assert code == 0, err
-    assert f"{N_USERS} users, {N_ITEMS} items, factors {FACTORS}, layers {LAYERS}" in out
+    assert f"NEUMF: {N_USERS} users, {N_ITEMS} items, factors {FACTORS}, layers {LAYERS}" in out
     assert "bf16 on cpu" in out
     assert len([line for line in out.splitlines() if line.startswith("|")]) == 4
 
@@ -265,6 +265,40 @@ def test_batched_equals_one_by_one_and_brute_force(cli, int_data, model_path, tm
             assert [str(x["item_id"]) for x in result["items"]] == [items[i] for i in expected]
             expected_scores = [1 / (1 + np.exp(-logits[i])) for i in expected]
             assert [x["score"] for x in result["items"]] == pytest.approx(expected_scores, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gmf", "mlp"])
+def test_gmf_and_mlp_checkpoints_recommend_and_benchmark(cli, int_data, tmp_path, kind):
+    _, cache = int_data
+    torch.manual_seed(1)
+    model = NeuMF(N_USERS, N_ITEMS, FACTORS, LAYERS, kind=kind).eval()
+    with torch.no_grad():  # spread the logits, so the ranking is not decided by rounding
+        for tables in model.embeddings():
+            for table in tables:
+                table.weight.normal_(0.0, 1.0)
+    path = tmp_path / f"{kind}.pth"
+    torch.save(model.state_dict(), path)
+    users = raw_ids(cache, USER_IDS_FILE)[:3]
+    result = recommend_json(cli, tmp_path, cache, path, "--users", *users, "--topk", 5)
+    seen, items = seen_dense_items(cache), raw_ids(cache, ITEM_IDS_FILE)
+    with torch.inference_mode():
+        for dense, recommended in enumerate(result):
+            logits = model(torch.full((N_ITEMS,), dense), torch.arange(N_ITEMS)).flatten().tolist()
+            expected = sorted((i for i in range(N_ITEMS) if i not in seen[dense]), key=lambda i: (-logits[i], i))[:5]
+            assert [str(x["item_id"]) for x in recommended["items"]] == [items[i] for i in expected]
+    code, out, err = cli("--load_checkpoint_path", path, *"--batch_sizes 4 --num_batches 11 --device cpu".split())
+    assert code == 0, err
+    sizes = f"factors {FACTORS}" if kind == "gmf" else f"layers {LAYERS}"
+    assert f"{kind.upper()}: {N_USERS} users, {N_ITEMS} items, {sizes}, " in out
+    code, _, err = cli("--model", kind, "--load_checkpoint_path", path, "--num_batches", 11)
+    assert_one_line_error(code, err, "the model sizes come from the checkpoint; drop --model")
+
+
+def test_benchmark_of_a_random_gmf(cli, tmp_path):
+    args = "--model gmf --n_users 30 --n_items 40 -f 4 --batch_sizes 8 --num_batches 11 --device cpu".split()
+    code, out, err = cli(*args, "--log_path", tmp_path / "log.json")
+    assert code == 0, err
+    assert "GMF: 30 users, 40 items, factors 4, 285 parameters" in out  # (30 + 40) x 4 embeddings, final 4 + 1
 
 
 def test_ties_come_in_ascending_dense_item_order(cli, int_data, tmp_path):
