@@ -32,7 +32,7 @@ DATASETS = {  # name: (file under shared/data, name convert.py expects, format)
     "ml-100k": ("ml-100k/u.data", "u.data", "ml-100k"),
     "ml-latest-small": ("ml-latest-small/ratings.csv", "ratings.csv", "ml-20m"),
 }
-# What every recipe shares: standard Adam betas (the reference's 0.25 / 0.5 suit its 2^20 batches),
+# What the recipes of the NCF family share: standard Adam betas (the reference's 0.25 / 0.5 suit its 2^20 batches),
 # batches of 8192, at most 30 epochs and a stop after 5 without a better validation HR@10.
 COMMON = ["-b1", "0.9", "-b2", "0.999", "-b", "8192", "-e", "30", "--patience", "5"]
 SIZES = {"gmf": ["-f", "128"], "mlp": ["--layers", "128", "64", "32"]}
@@ -40,12 +40,23 @@ SIZES = {"gmf": ["-f", "128"], "mlp": ["--layers", "128", "64", "32"]}
 # bf16 (--amp) where there is an MLP: twice as fast on these CPUs, same accuracy; GMF has no matrix
 # product to speed up. Pre-trained NeuMF has the sizes of the GMF and MLP it starts from.
 RECIPES = {
-    "gmf": ["--model", "gmf", *SIZES["gmf"], "-l", "0.002", "--l2_regularization", "0.003"],
-    "mlp": ["--model", "mlp", *SIZES["mlp"], "--amp", "-l", "0.002", "--dropout", "0"],
-    "neumf": ["--model", "neumf", *SIZES["gmf"], *SIZES["mlp"], "--amp", "-l", "0.002", "--dropout", "0"]
+    "reference": [
+        "--model",
+        "neumf",
+        "-b",
+        "65536",
+        "--amp",
+        "-e",
+        "30",
+        "--patience",
+        "5",
+    ],  # its defaults, a small batch
+    "gmf": [*COMMON, "--model", "gmf", *SIZES["gmf"], "-l", "0.002", "--l2_regularization", "0.003"],
+    "mlp": [*COMMON, "--model", "mlp", *SIZES["mlp"], "--amp", "-l", "0.002", "--dropout", "0"],
+    "neumf": [*COMMON, "--model", "neumf", *SIZES["gmf"], *SIZES["mlp"], "--amp", "-l", "0.002", "--dropout", "0"]
     + ["--l2_regularization", "0.001"],
-    "neumf-pre": ["--model", "neumf", *SIZES["gmf"], *SIZES["mlp"], "--amp", "-l", "0.0005", "--dropout", "0"]
-    + ["--l2_regularization", "0.001"],
+    "neumf-pre": [*COMMON, "--model", "neumf", *SIZES["gmf"], *SIZES["mlp"], "--amp", "-l", "0.0005"]
+    + ["--dropout", "0", "--l2_regularization", "0.001"],
 }
 BEST = {"ml-1m": "gmf", "ml-100k": "gmf", "ml-latest-small": "gmf"}  # the recommended model per dataset
 
@@ -54,7 +65,11 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument(
-        "--settings", nargs="+", choices=[*RECIPES, "best"], default=list(RECIPES), help="models to run, or best"
+        "--settings",
+        nargs="+",
+        choices=[*RECIPES, "best"],
+        default=["gmf", "mlp", "neumf", "neumf-pre"],
+        help="recipes to run (reference: NeuMF with the reference's defaults), or best",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, help="train at most this many epochs (default: each recipe's)")
@@ -101,7 +116,7 @@ def run(cache, model, seed, epochs, workdir):
 
 def train(cache, model, seed, epochs, workdir, log, checkpoints):
     log.unlink(missing_ok=True)
-    command = [sys.executable, "ncf.py", "--data", cache, "--seed", seed, *COMMON, *RECIPES[model]]
+    command = [sys.executable, "ncf.py", "--data", cache, "--seed", seed, *RECIPES[model]]
     if model == "neumf-pre":
         branches = [
             workdir / "checkpoints" / f"{cache.name}-{kind}-seed{seed}" / "model.pth" for kind in ("gmf", "mlp")

@@ -19,5 +19,5 @@ python benchmarks/train_bench.py --preset ml-20m --workdir "$work" --batch_size 
 python benchmarks/full_ranking_bench.py --json "$out/full-ranking.json"
 python inference.py --batch_sizes 1,64,4096,65536,1048576 --num_batches 30 --log_path "$out/inference-fp32.json"
 python inference.py --batch_sizes 1,64,4096,65536,1048576 --num_batches 30 --bf16 --log_path "$out/inference-bf16.json"
-python benchmarks/accuracy.py --datasets ml-1m --settings reference-b65536 --epochs 10 --amp \
+python benchmarks/accuracy.py --datasets ml-1m --settings reference --seeds 1 --epochs 10 \
     --workdir "$work/accuracy" --json "$out/accuracy.json"

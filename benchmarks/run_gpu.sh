@@ -20,5 +20,5 @@ python benchmarks/train_bench.py --device cuda --preset ml-20m --workdir "$work"
 python inference.py --device cuda --log_path "$out/inference-tf32.json"
 python inference.py --device cuda --fp16 --log_path "$out/inference-fp16.json"
 python inference.py --device cuda --bf16 --log_path "$out/inference-bf16.json"
-python benchmarks/accuracy.py --datasets ml-1m ml-100k --settings reference-b65536 --epochs 10 --amp \
+python benchmarks/accuracy.py --datasets ml-1m ml-100k --settings reference --seeds 1 --epochs 10 \
     --workdir "$work/accuracy" --json "$out/accuracy.json"
