@@ -309,9 +309,10 @@ def load_training_state(path, model, optimizer, scaler, data, args):
     if state.get("data_sha256") != data.meta["source_sha256"]:
         raise CliError(f"{path} was trained on another dataset than --data; start a new run without --resume")
     if state.get("validation", False) != (data.valid is not None):
+        split = ("with", "has none") if state.get("validation") else ("without", "has one")
         raise CliError(
-            f"{path} was trained on a cache {'with' if state.get('validation') else 'without'} a "
-            "validation split, --data is not; resume on the run's cache or start a new run"
+            f"{path} was trained on a cache {split[0]} a validation split and --data {split[1]}; "
+            "resume on the run's cache or start a new run"
         )
     saved = state.get("flags", {})  # absent from checkpoints written before the flags were saved
     other = [

@@ -522,7 +522,7 @@ def test_resume_refuses_a_cache_with_another_split(validated, tiny_cache, tmp_pa
         "--data", tiny_cache, *SMALL, "-e", 5, "--resume", "--checkpoint_dir", tmp_path,
         log_path=tmp_path / "log.json",
     )  # fmt: skip
-    assert_clean_error(run, "with a validation split, --data is not")
+    assert_clean_error(run, "was trained on a cache with a validation split and --data has none")
 
 
 # --- bad input --------------------------------------------------------------------------------------
