@@ -360,6 +360,23 @@ def test_torchrun_two_processes(torchrun_trained, tmp_path):
     assert run.log[-1]["data"]["hr@10"] == torchrun_trained.final["best_accuracy"]
 
 
+@pytest.mark.parametrize("kind", ["gmf", "mlp"])
+def test_torchrun_branch_with_validation_and_l2(tiny_validation_cache, tmp_path, kind):
+    """GMF and MLP under DDP (2 gloo processes) on a validation cache, with the L2 term through DDP's model."""
+    flags = [*SMALL, "--model", kind, "--l2_regularization", 0.01]
+    run = run_ncf(
+        "--data", tiny_validation_cache, *flags, "-e", 2, "--checkpoint_dir", tmp_path,
+        log_path=tmp_path / "log.json", launcher=torchrun(),
+    ).expect_success()  # fmt: skip
+    assert_rank_zero_logged_once(run, epochs=2)
+    best = run.epochs[run.final["best_epoch"]]
+    one = run_ncf(
+        "--data", tiny_validation_cache, *flags, "--mode", "test", "--load_checkpoint_path", tmp_path / "model.pth",
+        log_path=tmp_path / "test.json",
+    ).expect_success()  # fmt: skip
+    assert one.log[-1]["data"]["val_hr@10"] == best["val_hr@10"] and one.log[-1]["data"]["hr@10"] == best["hr@10"]
+
+
 @pytest.mark.parametrize("use_env", [True, False], ids=["use_env", "local_rank_flag"])
 def test_torch_distributed_launch_two_processes(torchrun_trained, tmp_path, use_env):
     run = run_ncf(
