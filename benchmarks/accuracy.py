@@ -7,10 +7,14 @@
 
 The datasets come from ../shared/data (or --shared_data): ML-1m users 1-2999 (the part of the
 official ratings.dat that is available offline), ML-100k and ml-latest-small; each is converted
-once with --validation into --workdir. Every run is ncf.py in its own process, read back from its
-DLLogger log: the epoch is chosen on validation HR@10 and the test figures are that epoch's, so
-nothing is selected on the test set. Pre-trained NeuMF starts from the GMF and MLP of the same
-seed (trained first when the selection does not include them).
+once with and once without --validation into --workdir. Every run is ncf.py in its own process,
+read back from its DLLogger log; nothing is selected on the test set. For each recipe and seed:
+- selected: trained without the validation items, the epoch with the best validation HR@10, and
+  that epoch's test figures;
+- refit: the same recipe and seed trained on all but the test items (training + validation, the
+  data a baseline is fitted on) for exactly the selected number of epochs; its last epoch's test figures.
+Pre-trained NeuMF starts from the GMF and MLP of the same seed and data (trained first when the
+selection does not include them).
 """
 
 import argparse
@@ -33,24 +37,16 @@ DATASETS = {  # name: (file under shared/data, name convert.py expects, format)
     "ml-latest-small": ("ml-latest-small/ratings.csv", "ratings.csv", "ml-20m"),
 }
 # What the recipes of the NCF family share: standard Adam betas (the reference's 0.25 / 0.5 suit its 2^20 batches),
-# batches of 8192, at most 30 epochs and a stop after 5 without a better validation HR@10.
-COMMON = ["-b1", "0.9", "-b2", "0.999", "-b", "8192", "-e", "30", "--patience", "5"]
+# batches of 8192, at most 30 epochs.
+COMMON = ["-b1", "0.9", "-b2", "0.999", "-b", "8192", "-e", "30"]
+PATIENCE = 5  # epochs without a better validation HR@10 before a run stops
+FIGURES = ("hr@10", "ndcg@10", "refit_hr@10", "refit_ndcg@10")  # test figures, as the table shows them
 SIZES = {"gmf": ["-f", "128"], "mlp": ["--layers", "128", "64", "32"]}
 # The recipe of each model, chosen on validation HR@10 of ML-1m users 1-2999 (README "Results").
 # bf16 (--amp) where there is an MLP: twice as fast on these CPUs, same accuracy; GMF has no matrix
 # product to speed up. Pre-trained NeuMF has the sizes of the GMF and MLP it starts from.
 RECIPES = {
-    "reference": [
-        "--model",
-        "neumf",
-        "-b",
-        "65536",
-        "--amp",
-        "-e",
-        "30",
-        "--patience",
-        "5",
-    ],  # its defaults, a small batch
+    "reference": ["--model", "neumf", "-b", "65536", "--amp", "-e", "30"],  # its defaults, a small batch
     "gmf": [*COMMON, "--model", "gmf", *SIZES["gmf"], "-l", "0.002", "--l2_regularization", "0.003"],
     "mlp": [*COMMON, "--model", "mlp", *SIZES["mlp"], "--amp", "-l", "0.002", "--dropout", "0"],
     "neumf": [*COMMON, "--model", "neumf", *SIZES["gmf"], *SIZES["mlp"], "--amp", "-l", "0.002", "--dropout", "0"]
@@ -85,45 +81,57 @@ def parse_args():
 
 
 def prepare(name, shared_data, workdir):
+    """The dataset's cache with a validation split, and its cache without one (the refit's training data)."""
     source, raw_name, fmt = DATASETS[name]
     raw = workdir / name / raw_name
-    cache = workdir / "cache" / name
-    if not (cache / "metadata.json").exists():
-        if not (shared_data / source).is_file():
-            sys.exit(f"accuracy.py: error: {shared_data / source} not found (see --shared_data)")
+    if not (shared_data / source).is_file():
+        sys.exit(f"accuracy.py: error: {shared_data / source} not found (see --shared_data)")
+    if not raw.exists():
         raw.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shared_data / source, raw)
-        command = [sys.executable, "convert.py", "--path", raw, "--output", cache, "--format", fmt, "--validation"]
-        subprocess.run([str(c) for c in command], cwd=ROOT, check=True)
-    return cache
+    caches = workdir / "cache" / name, workdir / "cache" / f"{name}-full"
+    for cache, split in zip(caches, (["--validation"], []), strict=True):
+        if not (cache / "metadata.json").exists():
+            command = [sys.executable, "convert.py", "--path", raw, "--output", cache, "--format", fmt, *split]
+            subprocess.run([str(c) for c in command], cwd=ROOT, check=True)
+    return caches
 
 
-def run(cache, model, seed, epochs, workdir):
-    """One ncf.py run; returns the validation-selected epoch's figures and the run's wall time."""
+def ncf_run(cache, model, seed, flags, workdir):
+    """ncf.py with a recipe, unless that run is complete in workdir: (per-epoch records, summary, seconds)."""
     name = f"{cache.name}-{model}-seed{seed}"
     log, checkpoints = workdir / "logs" / f"{name}.json", workdir / "checkpoints" / name
     log.parent.mkdir(parents=True, exist_ok=True)
     if not (checkpoints / "model.pth").exists() or not log.exists() or "best_accuracy" not in log.read_text():
-        train(cache, model, seed, epochs, workdir, log, checkpoints)
+        log.unlink(missing_ok=True)
+        command = [sys.executable, "ncf.py", "--data", cache, "--seed", seed, *RECIPES[model], *flags]
+        if model == "neumf-pre":  # the branches of the same seed, on the same data
+            branches = [workdir / "checkpoints" / f"{cache.name}-{kind}-seed{seed}" for kind in ("gmf", "mlp")]
+            # a refit's model is its last epoch (last.pth): its model.pth was chosen on test HR
+            checkpoint = "last.pth" if cache.name.endswith("-full") else "model.pth"
+            command += ["--pretrained_gmf", branches[0] / checkpoint, "--pretrained_mlp", branches[1] / checkpoint]
+        command += ["--checkpoint_dir", checkpoints, "--log_path", log]
+        subprocess.run([str(c) for c in command], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     records = [json.loads(line[5:]) for line in log.read_text().splitlines()]
     epochs = [r["data"] for r in records if isinstance(r["step"], list) and len(r["step"]) == 1]
     final = next(r["data"] for r in records if r["step"] == [] and "best_accuracy" in r["data"])
-    best = epochs[final["best_epoch"]]
-    result = {key: best[key] for key in ("hr@10", "ndcg@10", "val_hr@10", "val_ndcg@10")}
-    seconds = float(records[-1]["elapsedtime"])  # the run's wall time, from the log's own clock
-    return result | {"epoch": final["best_epoch"], "epochs": len(epochs), "seconds": seconds}
+    return epochs, final, float(records[-1]["elapsedtime"])  # the run's wall time, from the log's own clock
 
 
-def train(cache, model, seed, epochs, workdir, log, checkpoints):
-    log.unlink(missing_ok=True)
-    command = [sys.executable, "ncf.py", "--data", cache, "--seed", seed, *RECIPES[model]]
-    if model == "neumf-pre":
-        branches = [
-            workdir / "checkpoints" / f"{cache.name}-{kind}-seed{seed}" / "model.pth" for kind in ("gmf", "mlp")
-        ]
-        command += ["--pretrained_gmf", branches[0], "--pretrained_mlp", branches[1]]
-    command += ["--checkpoint_dir", checkpoints, "--log_path", log] + (["-e", epochs] if epochs else [])
-    subprocess.run([str(c) for c in command], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+def run(caches, model, seed, max_epochs, workdir):
+    """A recipe's test figures at the validation-selected epoch, and refit on training + validation items.
+
+    Selected: trained without the validation items, the epoch with the best validation HR@10.
+    Refit: the same recipe and seed trained on training + validation items for that many epochs; its
+    last epoch is the model (nothing is chosen on test), as baselines are fitted on the whole training data.
+    """
+    cap = ["-e", max_epochs] if max_epochs else []
+    epochs, final, seconds = ncf_run(caches[0], model, seed, [*cap, "--patience", PATIENCE], workdir)
+    best = final["best_epoch"]
+    refit_epochs, _, refit_seconds = ncf_run(caches[1], model, seed, ["-e", best + 1], workdir)
+    result = {key: epochs[best][key] for key in ("hr@10", "ndcg@10", "val_hr@10", "val_ndcg@10")}
+    result |= {f"refit_{key}": refit_epochs[best][key] for key in ("hr@10", "ndcg@10")}
+    return result | {"epoch": best, "epochs": len(epochs), "seconds": seconds + refit_seconds}
 
 
 def mean_std(values):
@@ -135,19 +143,22 @@ def main():
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ncf-accuracy-"))
     results = {}
     for dataset in args.datasets:
-        cache = prepare(dataset, args.shared_data, workdir)
+        caches = prepare(dataset, args.shared_data, workdir)
         models = [BEST[dataset]] if args.settings == ["best"] else [m for m in RECIPES if m in args.settings]
         if "neumf-pre" in models:  # its branches first
             models = [m for m in ("gmf", "mlp") if m not in models] + models
         for model in models:
             for seed in args.seeds:
-                result = run(cache, model, seed, args.epochs, workdir)
+                result = run(caches, model, seed, args.epochs, workdir)
                 results.setdefault(f"{dataset} {model}", []).append(result | {"seed": seed})
                 print(f"{dataset} {model} seed {seed}: {result}", flush=True)
-    print("\n| dataset | model | test HR@10 | test NDCG@10 | validation HR@10 | selected epoch | seconds per run |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| dataset | model | test HR@10 | test NDCG@10 | refit: test HR@10 | refit: test NDCG@10 | validation HR@10 "
+        "| selected epoch | seconds per seed |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for key, runs in results.items():
-        cells = [mean_std([r[metric] for r in runs]) for metric in ("hr@10", "ndcg@10", "val_hr@10")]
+        cells = [mean_std([r[metric] for r in runs]) for metric in (*FIGURES, "val_hr@10")]
         figures = " | ".join(f"{mean:.4f} ± {std:.4f}" for mean, std in cells)
         epochs = " ".join(f"{r['epoch']}/{r['epochs']}" for r in runs)
         seconds = statistics.mean(r["seconds"] for r in runs)
@@ -156,11 +167,12 @@ def main():
         print()
         for dataset in args.datasets:
             runs = results[f"{dataset} {BEST[dataset]}"]
-            (hr, hr_std), (ndcg, ndcg_std) = (mean_std([r[m] for r in runs]) for m in ("hr@10", "ndcg@10"))
-            print(
-                f"{dataset}: test HR@10 {hr:.4f} NDCG@10 {ndcg:.4f} (mean of {len(runs)} seeds, each selected on "
-                f"validation; ± {hr_std:.4f} / {ndcg_std:.4f})"
-            )
+            for prefix, how in (("", ""), ("refit_", ", refit on training + validation items")):
+                (hr, hr_std), (ndcg, ndcg_std) = (mean_std([r[prefix + m] for r in runs]) for m in ("hr@10", "ndcg@10"))
+                print(
+                    f"{dataset}: test HR@10 {hr:.4f} NDCG@10 {ndcg:.4f} (mean of {len(runs)} seeds, each selected on "
+                    f"validation{how}; ± {hr_std:.4f} / {ndcg_std:.4f})"
+                )
     if args.json is not None:
         write_json(args.json, results)
 
