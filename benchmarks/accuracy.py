@@ -37,8 +37,10 @@ DATASETS = {  # name: (file under shared/data, name convert.py expects, format)
     "ml-latest-small": ("ml-latest-small/ratings.csv", "ratings.csv", "ml-20m"),
 }
 # What the recipes of the NCF family share: standard Adam betas (the reference's 0.25 / 0.5 suit its 2^20 batches),
-# batches of 8192, at most 30 epochs.
-COMMON = ["-b1", "0.9", "-b2", "0.999", "-b", "8192", "-e", "30"]
+# at most 30 epochs.
+COMMON = ["-b1", "0.9", "-b2", "0.999", "-e", "30"]
+# ~250-300 optimizer steps per epoch: batches of 8192 give the 100k-rating sets too few steps
+BATCH = {"ml-1m": "8192", "ml-100k": "2048", "ml-latest-small": "2048"}
 PATIENCE = 5  # epochs without a better validation HR@10 before a run stops
 FIGURES = ("hr@10", "ndcg@10", "refit_hr@10", "refit_ndcg@10")  # test figures, as the table shows them
 SIZES = {"gmf": ["-f", "128"], "mlp": ["--layers", "128", "64", "32"]}
@@ -125,10 +127,11 @@ def run(caches, model, seed, max_epochs, workdir):
     Refit: the same recipe and seed trained on training + validation items for that many epochs; its
     last epoch is the model (nothing is chosen on test), as baselines are fitted on the whole training data.
     """
+    batch = [] if model == "reference" else ["-b", BATCH[caches[0].name]]
     cap = ["-e", max_epochs] if max_epochs else []
-    epochs, final, seconds = ncf_run(caches[0], model, seed, [*cap, "--patience", PATIENCE], workdir)
+    epochs, final, seconds = ncf_run(caches[0], model, seed, [*batch, *cap, "--patience", PATIENCE], workdir)
     best = final["best_epoch"]
-    refit_epochs, _, refit_seconds = ncf_run(caches[1], model, seed, ["-e", best + 1], workdir)
+    refit_epochs, _, refit_seconds = ncf_run(caches[1], model, seed, [*batch, "-e", best + 1], workdir)
     result = {key: epochs[best][key] for key in ("hr@10", "ndcg@10", "val_hr@10", "val_ndcg@10")}
     result |= {f"refit_{key}": refit_epochs[best][key] for key in ("hr@10", "ndcg@10")}
     return result | {"epoch": best, "epochs": len(epochs), "seconds": seconds + refit_seconds}
