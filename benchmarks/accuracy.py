@@ -44,16 +44,16 @@ BATCH = {"ml-1m": "8192", "ml-100k": "2048", "ml-latest-small": "2048"}
 PATIENCE = 5  # epochs without a better validation HR@10 before a run stops
 FIGURES = ("hr@10", "ndcg@10", "refit_hr@10", "refit_ndcg@10")  # test figures, as the table shows them
 SIZES = {"gmf": ["-f", "128"], "mlp": ["--layers", "128", "64", "32"]}
-# The recipe of each model, chosen on validation HR@10 of ML-1m users 1-2999 (README "Results").
-# bf16 (--amp) where there is an MLP: twice as fast on these CPUs, same accuracy; GMF has no matrix
-# product to speed up. Pre-trained NeuMF has the sizes of the GMF and MLP it starts from.
+# The recipe of each model, chosen on validation HR@10 of ML-1m users 1-2999 (README "Results"), in
+# fp32: --amp (bf16) pays only on CPUs with AVX-512 BF16. Pre-trained NeuMF has the sizes of the GMF
+# and MLP it starts from.
 RECIPES = {
-    "reference": ["--model", "neumf", "-b", "65536", "--amp", "-e", "30"],  # its defaults, a small batch
+    "reference": ["--model", "neumf", "-b", "65536", "-e", "30"],  # its defaults, a small batch
     "gmf": [*COMMON, "--model", "gmf", *SIZES["gmf"], "-l", "0.002", "--l2_regularization", "0.003"],
-    "mlp": [*COMMON, "--model", "mlp", *SIZES["mlp"], "--amp", "-l", "0.002", "--dropout", "0"],
-    "neumf": [*COMMON, "--model", "neumf", *SIZES["gmf"], *SIZES["mlp"], "--amp", "-l", "0.002", "--dropout", "0"]
+    "mlp": [*COMMON, "--model", "mlp", *SIZES["mlp"], "-l", "0.002", "--dropout", "0"],
+    "neumf": [*COMMON, "--model", "neumf", *SIZES["gmf"], *SIZES["mlp"], "-l", "0.002", "--dropout", "0"]
     + ["--l2_regularization", "0.001"],
-    "neumf-pre": [*COMMON, "--model", "neumf", *SIZES["gmf"], *SIZES["mlp"], "--amp", "-l", "0.0005"]
+    "neumf-pre": [*COMMON, "--model", "neumf", *SIZES["gmf"], *SIZES["mlp"], "-l", "0.0005"]
     + ["--dropout", "0", "--l2_regularization", "0.001"],
 }
 BEST = {"ml-1m": "gmf", "ml-100k": "gmf", "ml-latest-small": "gmf"}  # the recommended model per dataset
