@@ -7,12 +7,16 @@ Pipeline (docs: README "Data preparation"):
   4. drop repeated (user, item) pairs, keeping the earliest;
   5. hold out each user's latest interaction as the test positive, the rest is training;
   6. draw --valid_negative test negatives per user, uniformly (with replacement, as the reference)
-     among the items that are not the user's training positives.
+     among the items that are not the user's training positives;
+  7. with --validation, also hold out each user's second-latest interaction as its validation
+     positive, with negatives drawn as in 6 among the items that are neither the user's training
+     positives nor its test item (steps 5 and 6 are what they are without --validation).
 
 The cache directory holds train_ratings.pt [N_train, 2], test_ratings.pt [N_users, 2],
 test_negatives.pt [N_users, valid_negative] (int32, user and item columns), user_ids.csv and
-item_ids.csv (line k is the raw id of dense id k) and metadata.json. It is written to a temporary
-directory and renamed into place, so an interrupted run never leaves a cache that loads.
+item_ids.csv (line k is the raw id of dense id k) and metadata.json; with --validation also
+valid_ratings.pt [N_users, 2] and valid_negatives.pt [N_users, valid_negative]. It is written to a
+temporary directory and renamed into place, so an interrupted run never leaves a cache that loads.
 """
 
 import argparse
@@ -51,6 +55,8 @@ USER_IDS_FILE = "user_ids.csv"
 ITEM_IDS_FILE = "item_ids.csv"
 METADATA_FILE = "metadata.json"
 CACHE_FILES = (TRAIN_FILE, TEST_FILE, NEGATIVES_FILE, USER_IDS_FILE, ITEM_IDS_FILE, METADATA_FILE)
+VALID_FILE = "valid_ratings.pt"
+VALID_NEGATIVES_FILE = "valid_negatives.pt"
 
 # How each format lays out its columns: delimiter, whether a header names them, and the
 # (user, item, timestamp) column names or positions.
@@ -72,6 +78,11 @@ def parse_args():
     parser.add_argument("--min_ratings", type=int, default=20, help="drop users with fewer interactions")
     parser.add_argument("--valid_negative", type=int, default=100, help="test negatives per user")
     parser.add_argument("--seed", type=int, default=1, help="seed of the test-negative draw")
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="also hold out each user's second-latest interaction (valid_ratings.pt, valid_negatives.pt)",
+    )
     parser.add_argument(
         "--check", action="store_true", help="only check that --output holds a valid cache (exit 0) or not (exit 2)"
     )
@@ -394,18 +405,26 @@ def sort_pair_keys(keys, item_bits):
     in_parallel(sort_blocks, len(bounds) - 1)
 
 
-def latest_rows(keys, times, n_users, item_bits):
-    """Each user's row with the largest timestamp, the later line winning a tie.
+def latest_rows(keys, times, n_users, item_bits, passed_over=None):
+    """Each user's row with the largest timestamp, the later line winning a tie (-1: the user has no row).
 
-    keys: user << item_bits | item of every row in file order; times: their timestamps, a list of chunks.
+    keys: user << item_bits | item of every row in file order; times: their timestamps, a list of chunks;
+    passed_over: a row per user to leave out (its latest, to find its second-latest), or None.
     """
-    latest = np.full(n_users, min(chunk.min() for chunk in times if len(chunk)))
+    low = min(chunk.min() for chunk in times if len(chunk))
+    latest = np.full(n_users, low)
     for start, chunk in zip(chunk_starts(times), times, strict=True):
-        np.maximum.at(latest, keys[start : start + len(chunk)] >> item_bits, chunk)
+        users = keys[start : start + len(chunk)] >> item_bits
+        if passed_over is not None:  # at the earliest time here; the candidates below leave them out
+            chunk = np.where(passed_over[users] == np.arange(start, start + len(chunk)), low, chunk)
+        np.maximum.at(latest, users, chunk)
     last = np.full(n_users, -1)
     for start, chunk in zip(chunk_starts(times), times, strict=True):
         users = keys[start : start + len(chunk)] >> item_bits
-        candidates = np.flatnonzero(chunk == latest[users])
+        at_latest = chunk == latest[users]
+        if passed_over is not None:
+            at_latest &= passed_over[users] != np.arange(start, start + len(chunk))
+        candidates = np.flatnonzero(at_latest)
         np.maximum.at(last, users[candidates], start + candidates)
     return last
 
@@ -420,23 +439,30 @@ def earliest_of_each_pair(keys, times, repeated_keys):
     return np.flatnonzero(kept)
 
 
-def split_leave_one_out(keys, times, n_users, item_bits, keys_in_file_order):
+def split_leave_one_out(keys, times, n_users, item_bits, keys_in_file_order, validation=False):
     """Dedupe (keep the earliest) and hold out each user's latest interaction.
 
     keys: user << item_bits | item of every row in file order, sorted here in place; times: the rows'
     timestamps, a list of chunks; keys_in_file_order(): the keys made again, asked only when pairs
-    repeat. Returns the training keys (sorted, in keys' memory) and each user's test key.
+    repeat. Returns the training keys (sorted, in keys' memory), each user's test key and, with
+    validation, each user's second-latest key (still among the training keys; else None). A user with a
+    single pair gets a meaningless validation key: the caller refuses such users.
     """
-    test_keys = keys[latest_rows(keys, times, n_users, item_bits)]
+    latest = latest_rows(keys, times, n_users, item_bits)
+    test_keys = keys[latest]
+    valid_keys = keys[latest_rows(keys, times, n_users, item_bits, latest)] if validation else None
     sort_pair_keys(keys, item_bits)
     repeated = keys[1:] == keys[:-1]
     if repeated.any():
         file_order, times = keys_in_file_order(), np.concatenate(times)
         kept = earliest_of_each_pair(file_order, times, np.unique(keys[1:][repeated]))
-        kept_keys = file_order[kept]
-        test_keys = kept_keys[latest_rows(kept_keys, [times[kept]], n_users, item_bits)]
+        kept_keys, kept_times = file_order[kept], [times[kept]]
+        latest = latest_rows(kept_keys, kept_times, n_users, item_bits)
+        test_keys = kept_keys[latest]
+        if validation:
+            valid_keys = kept_keys[latest_rows(kept_keys, kept_times, n_users, item_bits, latest)]
         keys = keys[np.r_[True, ~repeated]]
-    return delete_in_place(keys, np.searchsorted(keys, test_keys)), test_keys
+    return delete_in_place(keys, np.searchsorted(keys, test_keys)), test_keys, valid_keys
 
 
 def delete_in_place(array, positions):
@@ -522,7 +548,33 @@ def sample_test_negatives(keys, stride, n_users, n_items, per_user, seed):
     return nth_free_items(keys, starts, stride, ranks)
 
 
-def build(raw_users, raw_items, raw_times, min_ratings, valid_negative, seed):
+def split_seed(seed, split):
+    """The entropy of a split's random draws: the test split's is the seed itself (as before there were
+    validation splits), the validation split's another stream of the same seed."""
+    return seed if split == "test" else [seed, 1]
+
+
+def hold_out_validation(train_keys, test_keys, valid_keys, n_users, n_items, item_bits, valid_negative, seed):
+    """The training keys without each user's validation key and the validation negatives, drawn as the
+    test negatives among the items that are neither the user's training positives nor its test item
+    (the validation item may be drawn: evaluation masks it). Works in train_keys' memory."""
+    stride = 1 << item_bits
+    light = np.count_nonzero(np.diff(user_starts(train_keys, stride, n_users)) < 2)  # training + validation
+    if light:
+        raise CliError(
+            f"--validation needs 3 distinct interactions per user (training, validation, test): {light:,} of the "
+            f"{n_users:,} users have fewer; drop them with --min_ratings 3 or more"
+        )
+    # each user's validation key becomes its test key: the user's keys stay together, only their order
+    # within the user changes, which the block sort of whole users restores
+    keys = train_keys
+    keys[np.searchsorted(keys, valid_keys)] = test_keys
+    sort_pair_keys(keys, item_bits)
+    negatives = sample_test_negatives(keys, stride, n_users, n_items, valid_negative, split_seed(seed, "valid"))
+    return delete_in_place(keys, np.searchsorted(keys, test_keys)), negatives
+
+
+def build(raw_users, raw_items, raw_times, min_ratings, valid_negative, seed, validation=False):
     """The cache's arrays from the raw columns (lists of chunks of equal lengths, one chunk per block of rows)."""
     users, user_size, raw_user_ids = small_ids(raw_users)
     items, item_size, raw_item_ids = small_ids(raw_items)
@@ -545,9 +597,19 @@ def build(raw_users, raw_items, raw_times, min_ratings, valid_negative, seed):
     def keys_in_file_order():
         return row_keys(users, items, user_table, item_table, item_bits)
 
-    train_keys, test_keys = split_leave_one_out(keys_in_file_order(), raw_times, n_users, item_bits, keys_in_file_order)
+    train_keys, test_keys, valid_keys = split_leave_one_out(
+        keys_in_file_order(), raw_times, n_users, item_bits, keys_in_file_order, validation
+    )
+    # the test negatives avoid the training positives of the cache without a validation split (training
+    # and validation here): the same draw with or without one, so their test figures compare
     negatives = sample_test_negatives(train_keys, 1 << item_bits, n_users, n_items, valid_negative, seed)
-    return {
+    cache = {}
+    if validation:
+        train_keys, cache["valid_negatives"] = hold_out_validation(
+            train_keys, test_keys, valid_keys, n_users, n_items, item_bits, valid_negative, seed
+        )
+        cache["valid"] = pairs_in_place(valid_keys, item_bits)
+    return cache | {
         "train": pairs_in_place(train_keys, item_bits),  # int32: ids fit, half the bytes to write and load
         "test": pairs_in_place(test_keys, item_bits),
         "negatives": negatives,
@@ -575,7 +637,8 @@ def read_metadata(cache_dir):
             f"{cache_dir} was written by another version of convert.py (cache format {found}, "
             f"expected {FORMAT_VERSION}); {hint} again"
         )
-    missing = [name for name in CACHE_FILES if not (cache_dir / name).is_file()]
+    expected = CACHE_FILES + ((VALID_FILE, VALID_NEGATIVES_FILE) if meta.get("validation") else ())
+    missing = [name for name in expected if not (cache_dir / name).is_file()]
     if missing:
         raise CliError(f"{cache_dir} is incomplete (missing {', '.join(missing)}); {hint} again")
     return meta
@@ -646,6 +709,9 @@ def write_cache(output, cache, meta):
         save_tensor(cache["train"], tmp / TRAIN_FILE)
         save_tensor(cache["test"], tmp / TEST_FILE)
         save_tensor(cache["negatives"], tmp / NEGATIVES_FILE)
+        if "valid" in cache:
+            save_tensor(cache["valid"], tmp / VALID_FILE)
+            save_tensor(cache["valid_negatives"], tmp / VALID_NEGATIVES_FILE)
         write_id_map(tmp / USER_IDS_FILE, cache["user_ids"])
         write_id_map(tmp / ITEM_IDS_FILE, cache["item_ids"])
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -674,6 +740,8 @@ def main():
         raise CliError("--min_ratings must be at least 1")
     if args.valid_negative < 1:
         raise CliError("--valid_negative must be at least 1")
+    if args.seed < 0:
+        raise CliError("--seed must be non-negative")
     fmt = guess_format(args.path) if args.format == "auto" else args.format
     columns = read_ratings(args.path, fmt)
     n_ratings_read = sum(len(chunk) for chunk in columns[0])
@@ -681,7 +749,7 @@ def main():
     digest = []
     hasher = threading.Thread(target=sha256_of, args=(args.path, digest))
     hasher.start()
-    cache = build(*columns, args.min_ratings, args.valid_negative, args.seed)
+    cache = build(*columns, args.min_ratings, args.valid_negative, args.seed, args.validation)
     # free the file's columns before writing: the cache files' pages reuse their memory while it is warm
     del columns
     pa.default_memory_pool().release_unused()
@@ -702,10 +770,13 @@ def main():
         "user_id_type": "int" if cache["user_ids"].dtype.kind == "i" else "str",
         "item_id_type": "int" if cache["item_ids"].dtype.kind == "i" else "str",
     }
+    if args.validation:  # no key without a split: those caches stay byte-identical to earlier ones
+        meta["validation"] = True
     write_cache(args.output, cache, meta)
+    counts = f"{meta['n_train']:,} training" + (f", {meta['n_users']:,} validation" if args.validation else "")
     print(
         f"{args.output}: {meta['n_users']:,} users, {meta['n_items']:,} items, "
-        f"{meta['n_train']:,} training and {meta['n_test']:,} test ratings"
+        f"{counts} and {meta['n_test']:,} test ratings"
     )
 
 

@@ -10,7 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from convert import NEGATIVES_FILE, TEST_FILE, TRAIN_FILE, nth_free_items, read_metadata, user_starts
+from convert import (
+    NEGATIVES_FILE,
+    TEST_FILE,
+    TRAIN_FILE,
+    VALID_FILE,
+    VALID_NEGATIVES_FILE,
+    nth_free_items,
+    read_metadata,
+    split_seed,
+    user_starts,
+)
 from utils import CliError
 
 
@@ -20,6 +30,8 @@ class CachedData:
     test: torch.Tensor  # [n_users, 2], row u is user u's held-out positive
     test_negatives: torch.Tensor  # [n_users, valid_negative]
     meta: dict
+    valid: torch.Tensor | None = None  # [n_users, 2], row u is user u's validation positive (convert.py --validation)
+    valid_negatives: torch.Tensor | None = None  # [n_users, valid_negative]
 
     @property
     def n_users(self):
@@ -33,30 +45,37 @@ class CachedData:
 def load_cache(cache_dir):
     """Load and check a cache written by convert.py; any problem is a one-line CliError."""
     meta = read_metadata(cache_dir)
+    validation = (VALID_FILE, VALID_NEGATIVES_FILE) if meta.get("validation") else ()
     tensors = {}
-    for name in (TRAIN_FILE, TEST_FILE, NEGATIVES_FILE):
+    for name in (TRAIN_FILE, TEST_FILE, NEGATIVES_FILE) + validation:
         try:
             tensors[name] = torch.load(f"{cache_dir}/{name}", map_location="cpu", weights_only=True)
         except Exception as error:
             raise CliError(f"{cache_dir}/{name} is corrupt ({type(error).__name__}); run convert.py again") from None
-    data = CachedData(tensors[TRAIN_FILE], tensors[TEST_FILE], tensors[NEGATIVES_FILE], meta)
-    n_users, n_items = data.n_users, data.n_items
-    expected = {
-        TRAIN_FILE: (data.train, (meta["n_train"], 2)),
-        TEST_FILE: (data.test, (n_users, 2)),
-        NEGATIVES_FILE: (data.test_negatives, (n_users, meta["valid_negative"])),
+    n_users, n_items = meta["n_users"], meta["n_items"]
+    shapes = {
+        TRAIN_FILE: (meta["n_train"], 2),
+        TEST_FILE: (n_users, 2),
+        NEGATIVES_FILE: (n_users, meta["valid_negative"]),
+        VALID_FILE: (n_users, 2),
+        VALID_NEGATIVES_FILE: (n_users, meta["valid_negative"]),
     }
-    for name, (tensor, shape) in expected.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int32 or tuple(tensor.shape) != shape:
-            raise CliError(f"{cache_dir}/{name} does not match metadata.json (expected int32 {list(shape)})")
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int32 or tuple(tensor.shape) != shapes[name]:
+            raise CliError(f"{cache_dir}/{name} does not match metadata.json (expected int32 {list(shapes[name])})")
     # int32 on disk (half the bytes); int64 in memory, where ids are multiplied into keys and index tensors
-    data.train, data.test, data.test_negatives = data.train.long(), data.test.long(), data.test_negatives.long()
-    items = torch.cat([data.train[:, 1], data.test[:, 1], data.test_negatives.flatten()])
-    if data.train[:, 0].max() >= n_users or items.max() >= n_items or items.min() < 0 or data.train.min() < 0:
+    tensors = {name: tensor.long() for name, tensor in tensors.items()}
+    train = tensors[TRAIN_FILE]
+    pairs = [tensors[name][:, 1] for name in (TRAIN_FILE, TEST_FILE, VALID_FILE) if name in tensors]
+    negatives = [tensors[name].flatten() for name in (NEGATIVES_FILE, VALID_NEGATIVES_FILE) if name in tensors]
+    items = torch.cat(pairs + negatives)
+    if train[:, 0].max() >= n_users or items.max() >= n_items or items.min() < 0 or train.min() < 0:
         raise CliError(f"{cache_dir} holds ids outside its {n_users} users and {n_items} items; run convert.py again")
-    if not torch.equal(data.test[:, 0], torch.arange(n_users)):
-        raise CliError(f"{cache_dir}/{TEST_FILE} must hold one row per user, in user order")
-    return data
+    for name in (TEST_FILE, VALID_FILE):
+        if name in tensors and not torch.equal(tensors[name][:, 0], torch.arange(n_users)):
+            raise CliError(f"{cache_dir}/{name} must hold one row per user, in user order")
+    valid, valid_negatives = tensors.get(VALID_FILE), tensors.get(VALID_NEGATIVES_FILE)
+    return CachedData(train, tensors[TEST_FILE], tensors[NEGATIVES_FILE], meta, valid, valid_negatives)
 
 
 class TrainBatches:
@@ -174,40 +193,68 @@ def metrics_from_histogram(histogram):
 
 
 class FullRanking:
-    """The `full` protocol: each user's test item ranked against every item it did not train on.
+    """The `full` protocol: each user's held-out item ranked against every item not among its known positives.
 
-    Holds this rank's users and their training items (contiguous per user, as the cache sorts
-    them), so that a block of users' seen-item mask is built with one scatter.
+    Holds this rank's users and their known items (the pairs not to rank: training items, and the
+    other split's held-out item when there are two; contiguous per user), so that a block of users'
+    seen-item mask is built with one scatter.
     """
 
-    def __init__(self, train, test, n_items, rank, world_size, device):
-        mine = rank_block(len(test), rank, world_size)
-        self.n_users, self.n_users_total, self.n_items = mine.stop - mine.start, len(test), n_items
+    def __init__(self, known, held_out, n_items, rank, world_size, device):
+        mine = rank_block(len(held_out), rank, world_size)
+        self.n_users, self.n_users_total, self.n_items = mine.stop - mine.start, len(held_out), n_items
         self.pairs = self.n_users * n_items  # scored per evaluation
-        self.users = test[mine, 0].to(device)
-        self.positives = test[mine, 1].to(device)
+        self.users = held_out[mine, 0].to(device)
+        self.positives = held_out[mine, 1].to(device)
         self.items = torch.arange(n_items, device=device)
-        offsets = torch.searchsorted(train[:, 0].contiguous(), torch.arange(len(test) + 1))
+        offsets = torch.searchsorted(known[:, 0].contiguous(), torch.arange(len(held_out) + 1))
         self.offsets = offsets[mine.start : mine.stop + 1] - offsets[mine.start]
-        self.train = train[offsets[mine.start] : offsets[mine.stop]].to(device)
+        self.known = known[offsets[mine.start] : offsets[mine.stop]].to(device)
         self.first_user = mine.start
 
     def seen(self, start, stop):
-        """[stop - start, n_items] bool: which items users start..stop-1 (local indices) trained on."""
-        pairs = self.train[self.offsets[start] : self.offsets[stop]]
-        mask = torch.zeros(stop - start, self.n_items, dtype=torch.bool, device=self.train.device)
+        """[stop - start, n_items] bool: the known items of users start..stop-1 (local indices)."""
+        pairs = self.known[self.offsets[start] : self.offsets[stop]]
+        mask = torch.zeros(stop - start, self.n_items, dtype=torch.bool, device=self.known.device)
         mask[pairs[:, 0] - self.first_user - start, pairs[:, 1]] = True
         return mask
+
+
+def make_evaluator(data, split, protocol, rank, world_size, device):
+    """This rank's share of the evaluation of a split's held-out items ("test" or "valid") under a
+    protocol ("reference", "exact" or "full"; README "Evaluation").
+
+    A user's other known positives (its training items, the other split's held-out item) never count
+    as negatives. Without a validation split, "test" gives the evaluators of caches before there were
+    splits; with one, the test figures equal those of the same cache made without --validation.
+    """
+    if split not in ("test", "valid") or protocol not in ("reference", "exact", "full"):
+        raise ValueError(f"unknown split {split!r} or protocol {protocol!r}")
+    if split == "valid" and data.valid is None:
+        raise CliError("the cache has no validation split; make it with convert.py --validation")
+    held_out, other = (data.test, data.valid) if split == "test" else (data.valid, data.test)
+    if protocol == "full":
+        known = data.train
+        if other is not None:  # kept contiguous per user, as FullRanking wants
+            known = torch.cat([known, other])
+            known = known[known[:, 0].argsort(stable=True)]
+        return FullRanking(known, held_out, data.n_items, rank, world_size, device)
+    if protocol == "exact":
+        negatives = exact_test_negatives(data, data.meta["valid_negative"], split_seed(data.meta["seed"], split))
+    else:  # the cache's draw: it avoids the training items and, for validation, the test item
+        negatives = data.test_negatives if split == "test" else data.valid_negatives
+    return EvalCandidates(held_out, negatives, rank, world_size, device)
 
 
 def exact_test_negatives(data, per_user, seed):
     """per_user distinct items per user, uniformly among the items it never interacted with.
 
-    Unlike the cached negatives, these never repeat and never include the user's test item (nor
-    any training item); the same cache and seed always give the same draw.
+    Unlike the cached negatives, these never repeat and never include the user's held-out items (nor
+    any training item); the same cache and seed (an int or numpy entropy) always give the same draw.
     """
     n_users, n_items = data.n_users, data.n_items
-    keys = np.sort(torch.cat([data.train, data.test]).numpy() @ np.array([n_items, 1]))
+    positives = [data.train, data.test] + ([] if data.valid is None else [data.valid])
+    keys = np.sort(torch.cat(positives).numpy() @ np.array([n_items, 1]))
     starts = user_starts(keys, n_items, n_users)
     n_free = n_items - np.diff(starts)
     if n_free.min() < per_user:

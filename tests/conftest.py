@@ -18,15 +18,15 @@ def shared_data():
     return SHARED_DATA
 
 
-def make_cache(directory, users=60, items=200, ratings=3000, seed=0):
-    """A tiny synthetic cache made by the project's own CLIs: synthetic.py, then convert.py."""
+def make_cache(directory, users=60, items=200, ratings=3000, seed=0, convert_args=()):
+    """A tiny synthetic cache made by the project's own CLIs: synthetic.py, then convert.py (with convert_args)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ratings_file, cache = directory / "ratings.csv", directory / "cache"
     for command in (
         ["synthetic.py", "--users", users, "--items", items, "--ratings", ratings, "--seed", seed]
         + ["--output", ratings_file],
-        ["convert.py", "--format", "ml-20m", "--path", ratings_file, "--output", cache],
+        ["convert.py", "--format", "ml-20m", "--path", ratings_file, "--output", cache, *convert_args],
     ):
         subprocess.run([sys.executable, *map(str, command)], cwd=ROOT, check=True, capture_output=True, text=True)
     return cache
@@ -36,3 +36,9 @@ def make_cache(directory, users=60, items=200, ratings=3000, seed=0):
 def tiny_cache(tmp_path_factory):
     """60 users, 200 items (convert.py needs more items than its 100 test negatives), 3000 ratings."""
     return make_cache(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_validation_cache(tmp_path_factory):
+    """tiny_cache's ratings converted with --validation."""
+    return make_cache(tmp_path_factory.mktemp("tiny_validation"), convert_args=["--validation"])

@@ -1,6 +1,7 @@
 """Tests of convert.py: input formats, each pipeline step, test negatives, the cache on disk, bad input
 and the real MovieLens files (skipped when ../shared/data is absent)."""
 
+import hashlib
 import itertools
 import json
 import math
@@ -21,6 +22,7 @@ from utils import CliError, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TENSOR_FILES = {"train": "train_ratings.pt", "test": "test_ratings.pt", "negatives": "test_negatives.pt"}
+VALID_TENSOR_FILES = {"valid": "valid_ratings.pt", "valid_negatives": "valid_negatives.pt"}
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -42,8 +44,10 @@ def convert_ok(*args):
 def load_cache(path):
     """metadata, tensors (numpy) and raw-id lists of a cache directory."""
     path = Path(path)
-    cache = {name: torch.load(path / file).numpy() for name, file in TENSOR_FILES.items()}
-    cache["meta"] = json.loads((path / "metadata.json").read_text())
+    meta = json.loads((path / "metadata.json").read_text())
+    files = TENSOR_FILES | (VALID_TENSOR_FILES if meta.get("validation") else {})
+    cache = {name: torch.load(path / file).numpy() for name, file in files.items()}
+    cache["meta"] = meta
     for name in ("user_ids", "item_ids"):
         frame = pd.read_csv(path / f"{name}.csv", dtype=str, keep_default_na=False)
         assert list(frame.columns) == ["raw_id"]
@@ -51,10 +55,10 @@ def load_cache(path):
     return cache
 
 
-def build(users, items, times, min_ratings=1, valid_negative=1, seed=1):
+def build(users, items, times, min_ratings=1, valid_negative=1, seed=1, validation=False):
     """convert.build on in-memory columns, each in one chunk."""
     columns = ([np.asarray(column)] for column in (users, items, times))
-    return convert.build(*columns, min_ratings, valid_negative, seed)
+    return convert.build(*columns, min_ratings, valid_negative, seed, validation)
 
 
 def read_columns(path, fmt):
@@ -67,8 +71,18 @@ def raw_test_items(cache):
     return {cache["user_ids"][u]: cache["item_ids"][i] for u, i in cache["test"]}
 
 
+def raw_valid_items(cache):
+    """{raw user: raw validation item} of a build() result."""
+    return {cache["user_ids"][u]: cache["item_ids"][i] for u, i in cache["valid"]}
+
+
 def raw_train_pairs(cache):
     return sorted((cache["user_ids"][u], cache["item_ids"][i]) for u, i in cache["train"])
+
+
+def cache_digest(path):
+    """The SHA-256 of a cache's files, read in CACHE_FILES order."""
+    return hashlib.sha256(b"".join((Path(path) / name).read_bytes() for name in convert.CACHE_FILES)).hexdigest()
 
 
 def leftovers(directory, name):
@@ -276,19 +290,21 @@ def test_equal_timestamps_later_line_is_later(float_times):
 
 def naive_split(users, items, times):
     """The split spelled out: dedupe keeping each pair's earliest row (ties: the earlier line), then
-    each user's latest remaining row (ties: the later line) is its test pair."""
+    each user's latest remaining row (ties: the later line) is its test pair, the latest after that its
+    validation pair (users with two or more pairs)."""
     earliest = {}
     for row, pair in enumerate(zip(users, items, strict=True)):
         if pair not in earliest or times[row] < times[earliest[pair]]:
             earliest[pair] = row
-    latest = {}
+    by_time = {}  # user: its rows, latest first
     for pair, row in earliest.items():
-        user = pair[0]
-        if user not in latest or (times[row], row) > (times[latest[user]], latest[user]):
-            latest[user] = row
-    test = {user: items[row] for user, row in latest.items()}
-    train = sorted(pair for pair, row in earliest.items() if latest[pair[0]] != row)
-    return train, test
+        by_time.setdefault(pair[0], []).append(row)
+    for rows in by_time.values():
+        rows.sort(key=lambda row: (times[row], row), reverse=True)
+    test = {user: items[rows[0]] for user, rows in by_time.items()}
+    valid = {user: items[rows[1]] for user, rows in by_time.items() if len(rows) > 1}
+    train = sorted(pair for pair, row in earliest.items() if by_time[pair[0]][0] != row)
+    return train, test, valid
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped by user", "shuffled"])
@@ -307,13 +323,20 @@ def test_split_matches_a_naive_reference(grouped, times_kind):
     item_bits = convert.bits(n_items - 1)
     keys = (users << item_bits) | items
     time_chunks = np.split(times, [5, 1000, 1001, 7000])  # uneven chunks, one of a single row
-    train_keys, test_keys = convert.split_leave_one_out(
-        keys.copy(), time_chunks, len(present), item_bits, keys_in_file_order=keys.copy
-    )
-    train = [(int(k) >> item_bits, int(k) & ((1 << item_bits) - 1)) for k in train_keys]
-    expected_train, expected_test = naive_split(users.tolist(), items.tolist(), times.tolist())
-    assert train == expected_train
-    assert test_keys.tolist() == [(user << item_bits) | item for user, item in sorted(expected_test.items())]
+    expected_train, expected_test, expected_valid = naive_split(users.tolist(), items.tolist(), times.tolist())
+    for validation in (False, True):
+        train_keys, test_keys, valid_keys = convert.split_leave_one_out(
+            keys.copy(), time_chunks, len(present), item_bits, keys.copy, validation
+        )
+        train = [(int(k) >> item_bits, int(k) & ((1 << item_bits) - 1)) for k in train_keys]
+        assert train == expected_train  # the validation pairs still among them
+        assert test_keys.tolist() == [(user << item_bits) | item for user, item in sorted(expected_test.items())]
+        if validation:
+            assert len(expected_valid) == len(present)
+            assert {user: valid_keys[user] & ((1 << item_bits) - 1) for user in expected_valid} == expected_valid
+            assert all(valid_keys[user] >> item_bits == user for user in expected_valid)
+        else:
+            assert valid_keys is None
 
 
 @pytest.mark.parametrize("ids", ["small ints", "strings"])
@@ -527,6 +550,137 @@ def test_seed_decides_the_negatives():
     assert np.array_equal(first, convert.sample_test_negatives(keys, 100, 50, 100, 100, seed=1))
     other = convert.sample_test_negatives(keys, 100, 50, 100, 100, seed=2)
     assert (first != other).any(axis=1).all()  # every user's draws change
+
+
+# --- the validation split (--validation) ------------------------------------------------------
+
+
+def columns_with_repeats_and_ties(rng, n_users, n_items, grouped):
+    """Raw columns where each user has 3 to 12 distinct items, some rated again, at few distinct times."""
+    rows = []
+    for user in range(n_users):
+        items = rng.choice(n_items, rng.integers(3, 13), replace=False)
+        items = np.r_[items, rng.choice(items, rng.integers(0, 5))]  # repeated pairs
+        times = rng.integers(0, 4, len(items))
+        rows += [(user * 5 + 2, item + 100, time) for item, time in zip(items, times, strict=True)]
+    rows = np.array(rows)
+    if not grouped:
+        rows = rows[rng.permutation(len(rows))]
+    return rows.T
+
+
+def check_validation_split(plain, split, expected_valid):
+    """A build with --validation against the same build without: the test split, the test negatives and the
+    ids are the same, the validation item (the expected one) leaves training, its negatives avoid the
+    user's training and test items."""
+    for name in ("test", "negatives", "user_ids", "item_ids"):
+        assert np.array_equal(split[name], plain[name]), name
+    n_users = len(split["user_ids"])
+    assert split["valid"][:, 0].tolist() == list(range(n_users))
+    assert raw_valid_items(split) == expected_valid
+    n_items = len(split["item_ids"])
+    with_valid = np.sort(np.r_[split["train"] @ [n_items, 1], split["valid"] @ [n_items, 1]])
+    assert np.array_equal(with_valid, plain["train"] @ [n_items, 1])  # training + validation: the old training
+    assert not (split["valid"][:, 1] == split["test"][:, 1]).any()
+    negatives = split["valid_negatives"]
+    assert negatives.shape == plain["negatives"].shape and negatives.dtype == np.int32
+    users = np.arange(n_users)[:, None]
+    assert not np.isin(users * n_items + negatives, split["train"] @ [n_items, 1]).any()
+    assert not (negatives == split["test"][:, 1:]).any()
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped by user", "shuffled"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_validation_split_matches_a_naive_reference(grouped, seed):
+    users, items, times = columns_with_repeats_and_ties(np.random.default_rng(seed), 80, 30, grouped)
+    plain = build(users, items, times, valid_negative=20)
+    split = build(users, items, times, valid_negative=20, validation=True)
+    expected_train, expected_test, expected_valid = naive_split(users.tolist(), items.tolist(), times.tolist())
+    assert raw_test_items(split) == expected_test
+    assert raw_train_pairs(split) == sorted(set(expected_train) - set(expected_valid.items()))
+    check_validation_split(plain, split, expected_valid)
+
+
+def test_validation_negatives_are_the_test_draw_on_training_and_test_items_from_another_stream(monkeypatch):
+    monkeypatch.setattr(convert, "DRAW_BLOCK_USERS", 7)  # several streams
+    users, items, times = columns_with_repeats_and_ties(np.random.default_rng(3), 40, 15, grouped=True)
+    split = build(users, items, times, valid_negative=14, seed=5, validation=True)
+    n_items = len(split["item_ids"])
+    avoided = [set(split["train"][split["train"][:, 0] == user, 1]) | {test} for user, test in split["test"]]
+    negatives = split["valid_negatives"]
+    assert np.array_equal(negatives, naive_negatives(avoided, n_items, 14, seed=[5, 1]))
+    assert not np.array_equal(negatives, naive_negatives(avoided, n_items, 14, seed=5))  # not the test stream
+    assert (negatives == split["valid"][:, 1:]).any()  # the validation item may be drawn (evaluation masks it)
+    # the same draw on any number of cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert np.array_equal(
+        build(users, items, times, valid_negative=14, seed=5, validation=True)["valid_negatives"], negatives
+    )
+
+
+def test_validation_needs_three_distinct_interactions_per_user():
+    # user 2 rates 3 times but 2 distinct items; user 3 once
+    users, items, times = [1, 1, 1, 2, 2, 2, 3], [1, 2, 3, 1, 1, 2, 1], [1, 2, 3, 1, 2, 3, 1]
+    message = (
+        r"^--validation needs 3 distinct interactions per user \(training, validation, test\): 2 of the 3 users have "
+        r"fewer; drop them with --min_ratings 3 or more$"
+    )
+    with pytest.raises(CliError, match=message):
+        build(users, items, times, validation=True)
+    assert len(build(users, items, times)["train"]) == 3  # fine without --validation
+    with pytest.raises(CliError, match="2 of the 2 users have fewer"):  # nobody has a second interaction at all
+        build([1, 2], [1, 2], [1, 1], validation=True)
+    assert raw_valid_items(build(users[:3], items[:3], times[:3], validation=True)) == {1: 2}
+
+
+# Digests of caches written by convert.py before --validation existed (commit a86730c): without the flag,
+# convert.py must keep writing these very bytes.
+PINNED_DIGESTS = {
+    "no repeats": "7e80a894c26d99bf8e55960787ecd4d6163be5d991aa3979a8903eca06a607b6",
+    "repeats": "d3345ee9fbbc1915a89dbbf9cb59145f561b666b37e99ac1070494fa649a8e81",
+    "ml-100k/u.data": "f9b589c7382be749eb22a51621d2e202bf7b378805de78d21c9149340414519f",
+    "ml-1m/ratings.dat": "33f7f44d9e80f0151c058921bced5b61d19d637a5c4e48cbb06b596c71476519",
+}
+
+
+def write_pinned_csv(path, repeats):
+    """A fixed ml-20m file made without a random generator (whose streams could change with numpy): 40 users
+    of 30 ratings, tied timestamps, grouped by user or (with repeated pairs) interleaved."""
+    rows = [(user, j) for user in range(1, 41) for j in range(30)]
+    if repeats:
+        rows.sort(key=lambda row: row[1])
+    lines = ["userId,movieId,rating,timestamp"]
+    for user, j in rows:
+        step = (j * j) % 31 if repeats else j
+        lines.append(f"{user * 3},{(user * 11 + step * 5) % 97 + 1},4.0,{(user * 3 + j * 7) % 23}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("repeats", [False, True], ids=["no repeats", "repeats"])
+def test_without_validation_the_cache_keeps_its_bytes_and_with_it_its_test_split(tmp_path, repeats):
+    source = write_pinned_csv(tmp_path / "ratings.csv", repeats)
+    plain, split = tmp_path / "plain", tmp_path / "split"
+    convert_ok("--path", source, "--output", plain, "--valid_negative", 10)
+    result = convert_ok("--path", source, "--output", split, "--valid_negative", 10, "--validation")
+    assert sorted(p.name for p in plain.iterdir()) == sorted(convert.CACHE_FILES)
+    assert cache_digest(plain) == PINNED_DIGESTS["repeats" if repeats else "no repeats"]
+    assert sorted(p.name for p in split.iterdir()) == sorted(convert.CACHE_FILES + tuple(VALID_TENSOR_FILES.values()))
+    for name in ("test_ratings.pt", "test_negatives.pt", "user_ids.csv", "item_ids.csv"):
+        assert (split / name).read_bytes() == (plain / name).read_bytes(), name
+    a, b = load_cache(plain), load_cache(split)
+    assert b["meta"] == a["meta"] | {"validation": True, "n_train": a["meta"]["n_train"] - 40}
+    assert "validation" not in a["meta"]
+    assert f"{b['meta']['n_train']:,} training, 40 validation and 40 test ratings" in result.stdout
+    frame = pd.read_csv(source, dtype=str)  # raw ids as the id maps hold them
+    expected_valid = naive_split(
+        frame["userId"].tolist(), frame["movieId"].tolist(), frame["timestamp"].astype(int).tolist()
+    )[2]
+    check_validation_split(a, b, expected_valid)
+    # a validation cache without its validation files is incomplete
+    (split / "valid_negatives.pt").unlink()
+    with pytest.raises(CliError, match=r"incomplete \(missing valid_negatives\.pt\)"):
+        convert.read_metadata(split)
 
 
 # --- the cache on disk ------------------------------------------------------------------------
@@ -798,6 +952,17 @@ BAD_INPUTS = {
         "--valid_negative must be at least 1",
     ),
     "min_ratings zero": ({"ratings.csv": GOOD}, ["--path", "{dir}/ratings.csv", "--min_ratings", "0"], "at least 1"),
+    "negative seed": (
+        {"ratings.csv": GOOD},
+        ["--path", "{dir}/ratings.csv", "--seed", "-1"],
+        "--seed must be non-negative",
+    ),
+    "validation with a user of two interactions": (
+        {"ratings.csv": GOOD},
+        keep_everything_into("{dir}/cache") + ["--validation"],
+        "--validation needs 3 distinct interactions per user (training, validation, test): 1 of the 2 users have "
+        "fewer; drop them with --min_ratings 3 or more",
+    ),
     "format cannot be guessed": ({"ratings.txt": GOOD}, ["--path", "{dir}/ratings.txt"], "cannot guess the format"),
 }
 ARGPARSE_ERRORS = {"unknown format", "no --path"}  # argparse prints its usage before the one error line
@@ -811,6 +976,7 @@ CLI_CASES = [
     "unknown format",
     "unwritable output",
     "output is a directory that is not a cache",
+    "validation with a user of two interactions",
 ]
 
 
@@ -915,6 +1081,22 @@ def test_ml_100k(shared_data, converted):
     assert (meta["n_users"], meta["n_items"], meta["n_train"], meta["n_test"]) == (943, 1_682, 99_057, 943)
     frame = pd.read_csv(raw, sep="\t", header=None, names=["user", "item", "rating", "time"])
     check_against_raw(cache, frame["user"], frame["item"], frame["time"])
+    assert cache_digest(raw.parent.parent / "cache") == PINNED_DIGESTS["ml-100k/u.data"]
+
+
+def test_ml_100k_validation(shared_data, converted, tmp_path):
+    """--validation on the real file: each user's second-latest rating (pandas, by time then line) is held out;
+    the test split and negatives are those of the cache without it."""
+    raw, plain = converted(shared_data / "ml-100k" / "u.data", "ml-100k/u.data")
+    convert_ok("--path", raw, "--output", tmp_path / "cache", "--validation")
+    split = load_cache(tmp_path / "cache")
+    assert split["meta"] == plain["meta"] | {"validation": True, "n_train": 99_057 - 943}
+    frame = pd.read_csv(raw, sep="\t", header=None, names=["user", "item", "rating", "time"])
+    frame["line"] = np.arange(len(frame))
+    second_latest = frame.sort_values(["time", "line"]).groupby("user").nth(-2)
+    check_validation_split(
+        plain, split, dict(zip(second_latest["user"].astype(str), second_latest["item"].astype(str), strict=True))
+    )
 
 
 def read_ml_1m(path):
@@ -928,6 +1110,7 @@ def test_ml_1m_partial(shared_data, converted):
     assert (meta["n_users"], meta["n_items"], meta["n_train"], meta["n_test"]) == (2_999, 3_615, 484_651, 2_999)
     frame = read_ml_1m(raw)
     check_against_raw(cache, frame["user"], frame["item"], frame["time"])
+    assert cache_digest(raw.parent.parent / "cache") == PINNED_DIGESTS["ml-1m/ratings.dat"]
 
 
 def test_ml_1m_agrees_with_the_ncf_paper_test_file(shared_data, converted):

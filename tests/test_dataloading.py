@@ -315,3 +315,52 @@ def test_wrong_dtype_and_ids_out_of_range(cache_copy):
     torch.save(negatives, cache_copy / "test_negatives.pt")
     with pytest.raises(CliError, match="ids outside its 60 users and 200 items"):
         load_cache(cache_copy)
+
+
+def test_a_validation_split_loads_beside_the_test_split(tiny_cache, tiny_validation_cache):
+    plain, split = load_cache(tiny_cache), load_cache(tiny_validation_cache)
+    assert plain.valid is None and plain.valid_negatives is None
+    assert split.valid.dtype == split.valid_negatives.dtype == torch.int64
+    assert split.valid.shape == (60, 2) and split.valid_negatives.shape == (60, 100)
+    assert torch.equal(split.valid[:, 0], torch.arange(60))
+    assert torch.equal(split.test, plain.test) and torch.equal(split.test_negatives, plain.test_negatives)
+    n_items = split.n_items
+    keys = torch.cat([split.train, split.valid]) @ torch.tensor([n_items, 1])
+    assert torch.equal(keys.sort().values, plain.train @ torch.tensor([n_items, 1]))  # training + validation
+
+
+@pytest.fixture
+def validation_copy(tiny_validation_cache, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(tiny_validation_cache, copy)
+    return copy
+
+
+def test_validation_files_are_checked_like_the_others(validation_copy):
+    data = load_cache(validation_copy)
+    negatives = data.valid_negatives.int()
+    negatives[5, 9] = -1
+    cases = [  # (file, what is written in it, the error)
+        (
+            "valid_ratings.pt",
+            data.valid[:59].int(),
+            r"valid_ratings\.pt does not match metadata\.json \(expected int32 \[60, 2\]\)",
+        ),
+        ("valid_negatives.pt", data.valid_negatives, r"valid_negatives\.pt does not match metadata\.json"),  # int64
+        ("valid_ratings.pt", data.valid.flip(0).int(), r"valid_ratings\.pt must hold one row per user"),
+        ("valid_ratings.pt", data.valid.int().index_fill(1, torch.tensor([1]), 200), "ids outside"),
+        ("valid_negatives.pt", negatives, "ids outside"),
+    ]
+    for file, tensor, message in cases:
+        original = (validation_copy / file).read_bytes()
+        torch.save(tensor, validation_copy / file)
+        with pytest.raises(CliError, match=message):
+            load_cache(validation_copy)
+        (validation_copy / file).write_bytes(original)
+        load_cache(validation_copy)  # restored: loads again, so the case above failed for its own reason
+    (validation_copy / "valid_negatives.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(CliError, match=r"valid_negatives\.pt is corrupt"):
+        load_cache(validation_copy)
+    (validation_copy / "valid_ratings.pt").unlink()
+    with pytest.raises(CliError, match=r"incomplete \(missing valid_ratings\.pt\)"):
+        load_cache(validation_copy)

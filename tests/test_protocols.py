@@ -27,13 +27,15 @@ import torch
 from conftest import make_cache
 
 import ncf
-from convert import sample_test_negatives
+from convert import sample_test_negatives, split_seed
 from dataloading import (
     CachedData,
+    EvalCandidates,
     FullRanking,
     distinct_draws,
     exact_test_negatives,
     load_cache,
+    make_evaluator,
     metrics_from_histogram,
     rank_histogram,
 )
@@ -380,6 +382,107 @@ def test_full_ranking_masks_exactly_the_training_items(tiny_cache):
     expected[data.train[:, 0], data.train[:, 1]] = True
     assert torch.equal(seen, expected)
     assert torch.equal(halves[1].seen(7, 12), expected[37:42])  # any block of a rank's users
+
+
+# --- splits: dataloading.make_evaluator(data, split, protocol, ...) ----------------------------------------
+
+CPU = torch.device("cpu")
+
+
+def split_evaluate(model, data, split, protocol, k=10):
+    """(HR@k, NDCG@k, loss) of ncf.evaluate on make_evaluator's evaluator for the split."""
+    evaluator = make_evaluator(data, split, protocol, 0, 1, CPU)
+    return ncf.evaluate(model, evaluator, eval_args(protocol, topk=k), NO_AUTOCAST)[:3]
+
+
+def same_evaluator(a, b):
+    if isinstance(a, FullRanking):
+        return isinstance(b, FullRanking) and all(
+            torch.equal(x, y)
+            for x, y in ((a.users, b.users), (a.positives, b.positives), (a.seen(0, a.n_users), b.seen(0, b.n_users)))
+        )
+    return all(torch.equal(x, y) for x, y in ((a.users, b.users), (a.items, b.items), (a.counted, b.counted)))
+
+
+@pytest.mark.parametrize("protocol", ["full", "reference", "exact"])
+def test_the_test_split_without_validation_is_the_evaluator_from_before_splits(tiny_cache, protocol):
+    data = load_cache(tiny_cache)
+    if protocol == "full":
+        before = FullRanking(data.train, data.test, data.n_items, 0, 1, CPU)
+    else:
+        negatives = data.test_negatives
+        if protocol == "exact":
+            negatives = exact_test_negatives(data, data.meta["valid_negative"], data.meta["seed"])
+        before = EvalCandidates(data.test, negatives, 0, 1, CPU)
+    assert same_evaluator(make_evaluator(data, "test", protocol, 0, 1, CPU), before)
+
+
+@pytest.mark.parametrize("protocol", ["full", "reference", "exact"])
+def test_a_validation_split_leaves_the_test_figures_unchanged(tiny_cache, tiny_validation_cache, protocol):
+    plain, split = load_cache(tiny_cache), load_cache(tiny_validation_cache)
+    assert not torch.equal(plain.train, split.train)
+    assert same_evaluator(
+        make_evaluator(split, "test", protocol, 0, 1, CPU), make_evaluator(plain, "test", protocol, 0, 1, CPU)
+    )
+    model = lively_model(plain.n_users, plain.n_items)
+    assert split_evaluate(model, split, "test", protocol) == split_evaluate(model, plain, "test", protocol)
+
+
+def brute_force_split(model, data, split, protocol, k):
+    """HR@k and NDCG@k of a split with plain loops; only the split's own item is a positive, the user's other
+    known items (training, the other split's item) are never candidates."""
+    scores = forward_scores(model, data.n_users, data.n_items)
+    held_out, other = (data.test, data.valid) if split == "test" else (data.valid, data.test)
+    known = [set() for _ in range(data.n_users)]
+    for user, item in torch.cat([data.train, other]).tolist():
+        known[user].add(item)
+    cached = data.test_negatives if split == "test" else data.valid_negatives
+    exact = exact_test_negatives(data, data.meta["valid_negative"], split_seed(data.meta["seed"], split)).tolist()
+    hits = ndcg = 0.0
+    for user, positive in held_out.tolist():
+        if protocol == "full":
+            candidates = [item for item in range(data.n_items) if item not in known[user] and item != positive]
+        elif protocol == "reference":
+            candidates = set(cached[user].tolist()) - {positive}
+            assert not candidates & known[user]  # the cache's draw avoids them already
+        else:
+            candidates = exact[user]
+            assert len(set(candidates)) == len(candidates) and not set(candidates) & (known[user] | {positive})
+        rank = sum(scores[user][item] >= scores[user][positive] for item in candidates)
+        if rank < k:
+            hits += 1
+            ndcg += 1 / math.log2(rank + 2)
+    return hits / data.n_users, ndcg / data.n_users
+
+
+@pytest.mark.parametrize("split", ["test", "valid"])
+@pytest.mark.parametrize("protocol", ["full", "reference", "exact"])
+def test_split_metrics_equal_brute_force(tiny_validation_cache, split, protocol):
+    data = load_cache(tiny_validation_cache)
+    model = lively_model(data.n_users, data.n_items)
+    for k in (1, 10):
+        hr, ndcg, _ = split_evaluate(model, data, split, protocol, k)
+        expected_hr, expected_ndcg = brute_force_split(model, data, split, protocol, k)
+        assert hr == expected_hr and ndcg == pytest.approx(expected_ndcg, rel=1e-12), k
+    assert 0 < split_evaluate(model, data, split, protocol)[0] < 1
+
+
+def test_the_other_split_item_is_masked_and_each_split_draws_its_own_exact_negatives(tiny_validation_cache):
+    data = load_cache(tiny_validation_cache)
+    users = torch.arange(data.n_users)
+    for split, other in (("test", data.valid), ("valid", data.test)):
+        seen = make_evaluator(data, split, "full", 0, 1, CPU).seen(0, data.n_users)
+        assert seen[users, other[:, 1]].all()  # the other split's item is never ranked
+        assert seen.sum() == len(data.train) + data.n_users
+    test, valid = (make_evaluator(data, split, "exact", 0, 1, CPU).items[:, :-1] for split in ("test", "valid"))
+    n_free = data.n_items - torch.bincount(data.train[:, 0], minlength=data.n_users) - 2
+    assert (n_free > 110).sum() > 20  # users whose two draws could only agree by a fluke
+    assert (test != valid).any(dim=1)[n_free > 110].all()  # another stream of the seed
+
+
+def test_the_valid_split_needs_a_validation_cache(tiny_cache):
+    with pytest.raises(CliError, match=r"no validation split; make it with convert\.py --validation"):
+        make_evaluator(load_cache(tiny_cache), "valid", "reference", 0, 1, CPU)
 
 
 # --- the command line ---------------------------------------------------------------------------------

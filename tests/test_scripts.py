@@ -115,6 +115,24 @@ def test_prepare_custom_csv_with_relative_paths_from_another_directory(tmp_path)
     assert meta["n_train"] == 12 * 7
 
 
+def test_prepare_passes_validation_to_convert(tmp_path):
+    lines = [f"{u},{(u * 5 + k) % 30},{k}" for u in range(6) for k in range(4)]
+    (tmp_path / "events.csv").write_text("\n".join(lines) + "\n")
+    cache = tmp_path / "cache"
+    result = run(
+        PREPARE,
+        tmp_path / "events.csv",
+        tmp_path / "raw",
+        cache,
+        tmp_path=tmp_path,
+        CONVERT_ARGS="--validation --min_ratings 3 --valid_negative 5",
+    )
+    assert result.returncode == 0, result.stderr
+    meta = metadata(cache)
+    assert meta["validation"] is True and (meta["n_users"], meta["n_train"]) == (6, 6 * 2)
+    assert (cache / "valid_ratings.pt").is_file() and (cache / "valid_negatives.pt").is_file()
+
+
 def test_prepare_refuses_an_unknown_dataset(tmp_path):
     result = run(PREPARE, "ml-30m", tmp_path=tmp_path)
     assert_one_line_error(result)
