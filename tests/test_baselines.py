@@ -80,7 +80,7 @@ def test_ials_beats_popularity_on_latent_taste(tmp_path):
     assert rows == ["method", "popularity", "ials"]
     results = json.loads((tmp_path / "b.json").read_text())
     assert set(results["ials"]) == {
-        "hr@10", "ndcg@10", "val_hr@10", "val_ndcg@10", "settings", "fit_seconds", "seconds",
+        "hr@10", "ndcg@10", "val_hr@10", "val_ndcg@10", "settings", "fit_seconds", "seconds", "cpu_seconds",
     }  # fmt: skip
     assert results["ials"]["settings"] in baselines.GRIDS["ials"]
     assert results["ials"]["hr@10"] > results["popularity"]["hr@10"] + 0.05
