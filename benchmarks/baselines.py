@@ -48,7 +48,7 @@ GRIDS = {
         {"factors": 64, "learning_rate": 0.01, "regularization": regularization, "iterations": 100}
         for regularization in (0.001, 0.01)
     ],
-    "ease": [{"l2": l2} for l2 in (100.0, 300.0, 1000.0, 3000.0)],
+    "ease": [{"l2": l2} for l2 in (30.0, 100.0, 300.0, 1000.0, 3000.0)],
 }
 
 
