@@ -69,6 +69,10 @@ def test_ease_is_its_closed_form():
     np.testing.assert_allclose(score(torch.arange(12)).numpy(), x @ expected, rtol=1e-4, atol=1e-5)
 
 
+def evaluator(data):
+    return make_evaluator(data, "test", "reference", 0, 1, CPU)
+
+
 def test_ials_beats_popularity_on_latent_taste(tmp_path):
     """End to end: settings chosen on validation, scored on test, in the table and the JSON."""
     cache = make_cache(tmp_path, users=1000, items=300, ratings=40_000, convert_args=["--validation"])
@@ -80,11 +84,18 @@ def test_ials_beats_popularity_on_latent_taste(tmp_path):
     assert rows == ["method", "popularity", "ials"]
     results = json.loads((tmp_path / "b.json").read_text())
     assert set(results["ials"]) == {
-        "hr@10", "ndcg@10", "val_hr@10", "val_ndcg@10", "settings", "fit_seconds", "seconds", "cpu_seconds",
+        "hr@10", "ndcg@10", "val_hr@10", "val_ndcg@10", "refit_hr@10", "refit_ndcg@10", "settings", "fit_seconds",
+        "seconds", "cpu_seconds",
     }  # fmt: skip
     assert results["ials"]["settings"] in baselines.GRIDS["ials"]
     assert results["ials"]["hr@10"] > results["popularity"]["hr@10"] + 0.05
     assert results["ials"]["ndcg@10"] > results["popularity"]["ndcg@10"]
+    # the refit: popularity counted over training + validation items, scored on test
+    data = load_cache(cache)
+    counts = np.bincount(torch.cat([data.train, data.valid])[:, 1].numpy(), minlength=data.n_items)
+    refit = baselines.hit_rates(lambda users: torch.from_numpy(counts).float().expand(len(users), -1), evaluator(data))
+    assert (results["popularity"]["refit_hr@10"], results["popularity"]["refit_ndcg@10"]) == refit
+    assert refit != (results["popularity"]["hr@10"], results["popularity"]["ndcg@10"])
 
 
 @pytest.mark.parametrize(
