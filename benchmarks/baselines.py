@@ -199,7 +199,10 @@ def main():
     elapsed, cpu_seconds = time.time() - start, time.process_time() - cpu_start
     print(f"\nin all, with loading the cache and making the evaluators: {elapsed:.1f} s, {cpu_seconds:.1f} CPU s")
     if args.json is not None:
-        write_json(args.json, results)
+        try:
+            write_json(args.json, results)
+        except OSError as error:
+            raise CliError(f"cannot write {args.json}: {error.strerror}") from None
 
 
 if __name__ == "__main__":
