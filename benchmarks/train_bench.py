@@ -54,8 +54,8 @@ def parse_args():
 def training_settings(args):
     """The ncf.py flags that train_epoch, make_optimizer and evaluate read, at their defaults."""
     return argparse.Namespace(
-        learning_rate=0.0045, beta1=0.25, beta2=0.5, eps=1e-8, grads_accumulated=1,
-        topk=10, valid_batch_size=args.valid_batch_size,
+        optimizer="adam", learning_rate=0.0045, beta1=0.25, beta2=0.5, eps=1e-8, l2_regularization=0.0,
+        grads_accumulated=1, topk=10, valid_batch_size=args.valid_batch_size,
     )  # fmt: skip
 
 
