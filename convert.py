@@ -42,6 +42,7 @@ FORMAT_VERSION = 2  # 2: int32 tensors (1: int64)
 SORT_BLOCK_ROWS = 4096  # rows per block when sorting a file grouped by user
 CHUNK_ROWS = 1 << 20  # rows per chunk of the steps that work chunk by chunk
 SEARCH_BLOCK_USERS = 1024  # users per block when mapping ranks to free items
+PACKED_BITS = 63  # key << row_bits | row must fit in the value bits of an int64
 DRAW_BLOCK_USERS = 4096  # users per random stream of the test negatives (part of what a seed means)
 FORMATS = ("ml-20m", "ml-1m", "ml-100k", "custom")
 TRAIN_FILE = "train_ratings.pt"
@@ -410,14 +411,69 @@ def latest_rows(keys, times, n_users, item_bits):
     return last
 
 
-def earliest_of_each_pair(keys, times, repeated_keys):
-    """The rows to keep when some pairs repeat: each pair's earliest row, ties to the earlier line."""
-    rows = np.flatnonzero(np.isin(keys, repeated_keys))
-    rows = rows[np.lexsort((times[rows], keys[rows]))]  # by pair, then time, then line (lexsort is stable)
-    later = np.r_[False, keys[rows[1:]] == keys[rows[:-1]]]
-    kept = np.ones(len(keys), dtype=bool)
-    kept[rows[later]] = False
-    return np.flatnonzero(kept)
+def rows_in_key_order(file_keys, item_bits):
+    """Every row ordered by its key, the rows of a key in file order: a stable argsort of file_keys.
+
+    When the row numbers fit beside the keys in 64 bits, file_keys (a sort's own input, overwritten)
+    is sorted as key << row_bits | row, blocks of whole users at a time when the file is grouped by user
+    (sort_pair_keys): several times faster than an argsort, and done in file_keys' memory.
+    """
+    row_bits = bits(len(file_keys) - 1)
+    if int(file_keys.max()).bit_length() + row_bits > PACKED_BITS:
+        return np.argsort(file_keys, kind="stable")
+
+    def pack(first, last):
+        for start in range(first, last, CHUNK_ROWS):
+            chunk = file_keys[start : min(start + CHUNK_ROWS, last)]
+            chunk <<= row_bits
+            chunk |= np.arange(start, start + len(chunk))
+
+    in_parallel(pack, len(file_keys))
+    sort_pair_keys(file_keys, item_bits + row_bits)
+    file_keys &= (1 << row_bits) - 1
+    return file_keys
+
+
+def earliest_of_each_pair(rows, times, pair_bounds):
+    """Each pair's earliest row and its timestamp: the smallest timestamp, ties to the earlier line.
+
+    rows: every row in key order, a key's rows in file order (rows_in_key_order); times: the rows'
+    timestamps, a list of chunks; pair_bounds: where each pair's rows start in rows, then len(rows).
+    """
+    times = np.concatenate(times)
+    n_pairs = len(pair_bounds) - 1
+    earliest_row = np.empty(n_pairs, np.int64)
+    earliest_time = np.empty(n_pairs, times.dtype)
+    # chunks of whole pairs, so that the temporaries stay small
+    bounds = np.unique(np.r_[np.searchsorted(pair_bounds[:-1], np.arange(0, len(rows), CHUNK_ROWS)), n_pairs])
+
+    def find(first, last):
+        for low, high in zip(bounds[first:last], bounds[first + 1 : last + 1], strict=True):
+            start, end = pair_bounds[low], pair_bounds[high]
+            chunk_times = times[rows[start:end]]
+            starts = pair_bounds[low:high] - start
+            earliest = np.minimum.reduceat(chunk_times, starts)
+            at_earliest = chunk_times == np.repeat(earliest, np.diff(pair_bounds[low : high + 1]))
+            first_at_earliest = np.minimum.reduceat(np.where(at_earliest, np.arange(end - start), end - start), starts)
+            earliest_row[low:high] = rows[start + first_at_earliest]
+            earliest_time[low:high] = earliest
+
+    in_parallel(find, len(bounds) - 1)
+    return earliest_row, earliest_time
+
+
+def latest_pairs(pairs, rows, times, item_bits):
+    """Each user's pair with the largest timestamp, the later line winning a tie.
+
+    pairs: the distinct keys, sorted (every user has one); rows, times: each pair's row and timestamp.
+    Returns the pairs' indices, in user order.
+    """
+    users = pairs >> item_bits
+    user_starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    candidates = np.flatnonzero(times == np.maximum.reduceat(times, user_starts)[users])
+    last_row = np.full(len(user_starts), -1)
+    np.maximum.at(last_row, users[candidates], rows[candidates])
+    return candidates[rows[candidates] == last_row[users[candidates]]]
 
 
 def split_leave_one_out(keys, times, n_users, item_bits, keys_in_file_order):
@@ -431,11 +487,12 @@ def split_leave_one_out(keys, times, n_users, item_bits, keys_in_file_order):
     sort_pair_keys(keys, item_bits)
     repeated = keys[1:] == keys[:-1]
     if repeated.any():
-        file_order, times = keys_in_file_order(), np.concatenate(times)
-        kept = earliest_of_each_pair(file_order, times, np.unique(keys[1:][repeated]))
-        kept_keys = file_order[kept]
-        test_keys = kept_keys[latest_rows(kept_keys, [times[kept]], n_users, item_bits)]
-        keys = keys[np.r_[True, ~repeated]]
+        pair_bounds = np.flatnonzero(np.r_[True, ~repeated, True])
+        keys[: len(pair_bounds) - 1] = keys[pair_bounds[:-1]]  # the distinct pairs, in keys' memory
+        keys = keys[: len(pair_bounds) - 1]
+        rows = rows_in_key_order(keys_in_file_order(), item_bits)
+        rows, earliest_times = earliest_of_each_pair(rows, times, pair_bounds)
+        test_keys = keys[latest_pairs(keys, rows, earliest_times, item_bits)]
     return delete_in_place(keys, np.searchsorted(keys, test_keys)), test_keys
 
 

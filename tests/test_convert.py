@@ -316,6 +316,28 @@ def test_split_matches_a_naive_reference(grouped, times_kind):
     assert test_keys.tolist() == [(user << item_bits) | item for user, item in sorted(expected_test.items())]
 
 
+@pytest.mark.parametrize("sort", ["packed", "argsort"])
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped by user", "shuffled"])
+def test_repeat_heavy_file_matches_the_naive_reference(tmp_path, grouped, sort, monkeypatch):
+    # an interaction log: most rows repeat a pair, often at a tied or earlier time than its first line
+    monkeypatch.setattr(convert, "CHUNK_ROWS", 1000)  # pairs straddle the chunks of earliest_of_each_pair
+    if sort == "argsort":  # the path of files whose keys and row numbers do not fit in 64 bits
+        monkeypatch.setattr(convert, "PACKED_BITS", 0)
+    rng = np.random.default_rng(21)
+    n_rows = 20_000
+    users = rng.integers(0, 300, n_rows) * 3 + 1
+    users = np.sort(users) if grouped else users
+    items = rng.integers(0, 25, n_rows) * 7 + 5
+    times = rng.integers(0, 6, n_rows)  # many ties
+    assert len(set(zip(users.tolist(), items.tolist(), strict=True))) < 0.45 * n_rows  # > 55 % repeated rows
+    path = tmp_path / "ratings.csv"
+    pd.DataFrame({"userId": users, "movieId": items, "rating": 1.0, "timestamp": times}).to_csv(path, index=False)
+    cache = convert.build(*convert.read_ratings(path, "ml-20m"), 1, 5, 1)
+    expected_train, expected_test = naive_split(users.tolist(), items.tolist(), times.tolist())
+    assert raw_train_pairs(cache) == expected_train
+    assert raw_test_items(cache) == expected_test
+
+
 @pytest.mark.parametrize("ids", ["small ints", "strings"])
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped by user", "shuffled"])
 def test_build_does_not_depend_on_how_the_columns_are_chunked(grouped, ids, monkeypatch):
