@@ -19,6 +19,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -61,7 +62,7 @@ NUMPY_TYPES = {pa.int32(): np.dtype(np.int32), pa.int64(): np.dtype(np.int64), p
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--path", help="ratings file (ratings.csv, ratings.dat, u.data, a CSV); unused by --check")
     parser.add_argument("--output", required=True, help="cache directory to write")
     parser.add_argument(
@@ -69,6 +70,11 @@ def parse_args():
         default="auto",
         choices=("auto",) + FORMATS,
         help="input format; 'auto' guesses from the file name (ratings.csv, ratings.dat, u.data)",
+    )
+    parser.add_argument(
+        "--rating_threshold",
+        type=float,
+        help="keep only the rows whose rating is at least this (before --min_ratings); default: every row",
     )
     parser.add_argument("--min_ratings", type=int, default=20, help="drop users with fewer interactions")
     parser.add_argument("--valid_negative", type=int, default=100, help="test negatives per user")
@@ -101,29 +107,32 @@ def first_line(path):
     return line.decode("utf-8-sig", errors="replace").rstrip("\r\n")
 
 
-def layout(path, fmt):
-    """(delimiter, has_header, column names or positions of user, item, timestamp, field count)."""
+def layout(path, fmt, with_rating=False):
+    """(delimiter, has_header, column names or positions of user, item, timestamp (and rating when
+    with_rating), field count)."""
     if fmt == "ml-20m":
-        return ",", True, ML20M_COLUMNS, None
+        return ",", True, ML20M_COLUMNS + ("rating",) * with_rating, None
     if fmt == "ml-1m":  # `::` read as ':' with empty fields between
-        return ":", False, (0, 2, 6), 7
+        return ":", False, (0, 2, 6) + (4,) * with_rating, 7
     if fmt == "ml-100k":
-        return "\t", False, (0, 1, 3), 4
+        return "\t", False, (0, 1, 3) + (2,) * with_rating, 4
     header = [field.strip().lower() for field in first_line(path).split(",")]
     if "user_id" in header or "item_id" in header:
-        return ",", True, CUSTOM_COLUMNS, None
+        return ",", True, CUSTOM_COLUMNS + ("rating",) * with_rating, None
+    if with_rating:
+        raise CliError(f"--rating_threshold needs a rating column: {path} has no header line naming one")
     return ",", False, (0, 1, 2), None
 
 
-def read_ratings(path, fmt):
-    """Read the user, item and timestamp columns, each as a list of numpy arrays (the reader's blocks,
-    not copied into one array); ids stay as in the file (int or str)."""
+def read_ratings(path, fmt, with_rating=False):
+    """Read the user, item and timestamp columns (and with_rating, the ratings as floats), each as a list
+    of numpy arrays (the reader's blocks, not copied into one array); ids stay as in the file (int or str)."""
     path = Path(path)
     if not path.is_file():
         raise CliError(f"ratings file {path} does not exist")
     if path.stat().st_size == 0 or not first_line(path).strip():
         raise CliError(f"ratings file {path} is empty")
-    delimiter, has_header, columns, _ = layout(path, fmt)
+    delimiter, has_header, columns, _ = layout(path, fmt, with_rating)
     if has_header:
         header = [field.strip() for field in first_line(path).split(delimiter)]
         if fmt == "custom":
@@ -144,9 +153,10 @@ def read_ratings(path, fmt):
     number_types = [pa.float64()] if fmt == "custom" else [pa.int32(), pa.int64()]
     for number_type in number_types:
         id_type = pa.string() if fmt == "custom" else number_type
+        types = {include[0]: id_type, include[1]: id_type, include[2]: number_type}
         convert_options = pacsv.ConvertOptions(
             include_columns=include,
-            column_types={include[0]: id_type, include[1]: id_type, include[2]: number_type},
+            column_types=types | ({include[3]: pa.float64()} if with_rating else {}),
             null_values=[],  # an empty field is an error (and no column has a validity bitmap to read)
             strings_can_be_null=False,
             quoted_strings_can_be_null=False,
@@ -161,18 +171,18 @@ def read_ratings(path, fmt):
             break
         except (pa.ArrowException, UnicodeDecodeError) as error:
             if number_type == number_types[-1]:
-                raise CliError(f"{path}: {diagnose(path, fmt) or error}") from None
+                raise CliError(f"{path}: {diagnose(path, fmt, with_rating) or error}") from None
     if table.num_rows == 0:
         raise CliError(f"{path} holds no ratings")
-    users, items, times = (table.column(name) for name in include)
+    users, items, times, *ratings = (table.column(name) for name in include)
     if fmt == "custom":
         users, items = numeric_ids_if_possible(users), numeric_ids_if_possible(items)
         for name, ids in (("user", users), ("item", items)):
             blank = first_blank(ids) if pa.types.is_string(ids.type) else None
             if blank is not None:
                 raise CliError(f"{path}: line {line_number(path, blank, has_header)}: empty {name} id")
-    users, items, times = (
-        [to_numpy(chunk) for chunk in column.chunks if len(chunk)] for column in (users, items, times)
+    users, items, times, *ratings = (
+        [to_numpy(chunk) for chunk in column.chunks if len(chunk)] for column in (users, items, times, *ratings)
     )
     if times[0].dtype.kind == "f":
         bad = rows_where(times, lambda chunk: ~np.isfinite(chunk))
@@ -183,9 +193,27 @@ def read_ratings(path, fmt):
         if bad is not None:
             value = np.concatenate(ids)[bad]
             raise CliError(f"{path}: line {line_number(path, bad, has_header)}: negative {name} id {value}")
+    if with_rating:
+        bad = rows_where(ratings[0], lambda chunk: ~np.isfinite(chunk))
+        if bad is not None:
+            raise CliError(f"{path}: line {line_number(path, bad, has_header)}: rating is not a finite number")
     # the reader's buffers are free now; hand them back (arrow's allocator keeps freed memory) so that
     # the next allocations reuse warm pages: fresh memory is slow to get on some machines
     pa.default_memory_pool().release_unused()
+    return users, items, times, *ratings
+
+
+def rated_at_least(threshold, users, items, times, ratings):
+    """The users, items and times of the rows rated threshold or more (lists of chunks, as read)."""
+    keeps = [chunk >= threshold for chunk in ratings]
+    users, items, times = (
+        [chunk[keep] for chunk, keep in zip(column, keeps, strict=True) if keep.any()]
+        for column in (users, items, times)
+    )
+    if not users:
+        raise CliError(
+            f"no rating is at least {threshold:g} (--rating_threshold); the highest is {max(map(np.max, ratings)):g}"
+        )
     return users, items, times
 
 
@@ -239,9 +267,9 @@ def first_blank(strings):
     return None if row < 0 else row
 
 
-def diagnose(path, fmt):
+def diagnose(path, fmt, with_rating=False):
     """Find the first bad line of a file the fast reader rejected. Only runs on the error path."""
-    delimiter, has_header, columns, n_fields = layout(path, fmt)
+    delimiter, has_header, columns, n_fields = layout(path, fmt, with_rating)
     integer = re.compile(r"\s*-?\d+\s*$")
     with open(path, encoding="utf-8-sig", errors="replace", newline="") as file:
         header = file.readline() if has_header else None
@@ -263,7 +291,7 @@ def diagnose(path, fmt):
                 return f"line {number}: expected {expected} fields, got {got}: {shown!r}"
             if len(fields) <= max(columns):
                 return f"line {number}: expected at least {max(columns) + 1} fields, got {len(fields)}: {line!r}"
-            user, item, timestamp = (fields[i] for i in columns)
+            user, item, timestamp, *rating = (fields[i] for i in columns)
             if fmt != "custom":
                 for name, value in (("user id", user), ("item id", item)):
                     if not integer.match(value):
@@ -274,6 +302,11 @@ def diagnose(path, fmt):
                 return f"line {number}: timestamp {timestamp!r} is not a number"
             if fmt != "custom" and not integer.match(timestamp):
                 return f"line {number}: timestamp {timestamp!r} is not an integer"
+            for value in rating:  # with --rating_threshold
+                try:
+                    float(value)
+                except ValueError:
+                    return f"line {number}: rating {value!r} is not a number"
     return None
 
 
@@ -586,7 +619,11 @@ def build(raw_users, raw_items, raw_times, min_ratings, valid_negative, seed):
     user_order = first_appearances(users, user_size)
     kept_users = user_order[row_counts(users, user_size)[user_order] >= min_ratings]
     if not len(kept_users):
-        raise CliError(f"no user has {min_ratings} or more ratings (--min_ratings); nothing to train on")
+        n_rows, n_users = sum(len(chunk) for chunk in users), len(user_order)
+        raise CliError(
+            f"no user has {min_ratings} or more ratings (--min_ratings) among the {n_rows:,} ratings kept, of "
+            f"{n_users:,} user{'s' * (n_users != 1)}; nothing to train on"
+        )
     user_table = dense_table(kept_users, user_size)
     if len(kept_users) < len(user_order):  # drop the light users' rows, once for every later step
         kept_rows = [user_table[chunk] >= 0 for chunk in users]
@@ -731,9 +768,15 @@ def main():
         raise CliError("--min_ratings must be at least 1")
     if args.valid_negative < 1:
         raise CliError("--valid_negative must be at least 1")
+    if args.rating_threshold is not None and not math.isfinite(args.rating_threshold):
+        raise CliError("--rating_threshold must be a finite number")
     fmt = guess_format(args.path) if args.format == "auto" else args.format
-    columns = read_ratings(args.path, fmt)
+    columns = read_ratings(args.path, fmt, with_rating=args.rating_threshold is not None)
     n_ratings_read = sum(len(chunk) for chunk in columns[0])
+    if args.rating_threshold is not None:
+        columns = rated_at_least(args.rating_threshold, *columns)
+        n_kept = sum(len(chunk) for chunk in columns[0])
+        print(f"--rating_threshold {args.rating_threshold:g}: {n_kept:,} of the {n_ratings_read:,} ratings kept")
     # hash the file beside the processing, whose single-threaded steps leave a core free
     digest = []
     hasher = threading.Thread(target=sha256_of, args=(args.path, digest))
@@ -759,6 +802,8 @@ def main():
         "user_id_type": "int" if cache["user_ids"].dtype.kind == "i" else "str",
         "item_id_type": "int" if cache["item_ids"].dtype.kind == "i" else "str",
     }
+    if args.rating_threshold is not None:  # no key without it: those caches stay byte-identical
+        meta["rating_threshold"] = args.rating_threshold
     write_cache(args.output, cache, meta)
     print(
         f"{args.output}: {meta['n_users']:,} users, {meta['n_items']:,} items, "
