@@ -228,3 +228,28 @@ def test_download_verifies_unpacks_and_then_reuses_the_zip(tmp_path, shared_data
     official = run(DOWNLOAD, "ml-100k", target, tmp_path=tmp_path)
     assert_one_line_error(official)
     assert (target / "ml-100k.zip").is_file()
+
+
+# --- every script's flags ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("ncf.py", ["--data", "cache", "--epoch", "1"]),  # --epochs
+        ("inference.py", ["--num_batch", "20"]),  # --num_batches
+        ("synthetic.py", ["--output", "x.csv", "--cluster", "4"]),  # --clusters
+        ("benchmarks/convert_bench.py", ["--repeated", "0.5"]),  # --repeated_share
+        ("benchmarks/train_bench.py", ["--epoch", "1"]),  # --epochs
+        ("benchmarks/accuracy.py", ["--dataset", "ml-100k"]),  # --datasets
+        ("benchmarks/full_ranking_bench.py", ["--repeat", "2"]),  # --repeats
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_an_abbreviated_flag_is_an_error(script, args, tmp_path):
+    # argparse would otherwise take a unique prefix for the whole flag (--min_rating for --min_ratings)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(f"error: unrecognized arguments: {' '.join(args[-2:])}")
