@@ -15,7 +15,8 @@
 #           ml-1m/ratings.dat, ml-100k/u.data; or the file right in RAW_DIR), else have
 #           download_dataset.sh unpack RAW_DIR/<name>.zip (md5-checked) or download it;
 #           synthetic data is written to RAW_DIR/ratings.csv;
-#        3. run convert.py. Extra options for it go in CONVERT_ARGS, e.g. CONVERT_ARGS="--min_ratings 10".
+#        3. run convert.py. Extra options for it go in CONVERT_ARGS, e.g. CONVERT_ARGS="--min_ratings 10";
+#           for synthetic data, extra synthetic.py options in SYNTHETIC_ARGS, e.g. SYNTHETIC_ARGS="--users 500".
 # Offline: put the official zip at RAW_DIR/<name>.zip (or its unpacked files in RAW_DIR) first.
 # Python: $PYTHON if set, else `python` of the active virtualenv/conda environment, else ./.venv, else python3.
 set -euo pipefail
@@ -78,6 +79,7 @@ data_root="$(absolute "${DATA_ROOT:-$here/data}")"
 raw_dir="$(absolute "${2:-$data_root/$name}")"
 cache_dir="$(absolute "${3:-$data_root/cache/$name}")"
 read -r -a convert_args <<< "${CONVERT_ARGS:-}"
+read -r -a synthetic_args <<< "${SYNTHETIC_ARGS:-}"
 
 if [ -n "${PYTHON:-}" ]; then
     python="$PYTHON"
@@ -119,7 +121,7 @@ if [ -n "$preset" ]; then
     if [ -f "$raw_file" ]; then
         echo "$raw_file: using the synthetic ratings made earlier"
     else
-        "$python" synthetic.py --preset "$preset" --output "$raw_file"
+        "$python" synthetic.py --preset "$preset" --output "$raw_file" ${synthetic_args[@]+"${synthetic_args[@]}"}
     fi
 elif [ -z "$custom_file" ] && [ ! -f "$raw_file" ]; then
     # download_dataset.sh checks a zip already in RAW_DIR and unpacks it, or downloads one

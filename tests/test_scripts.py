@@ -253,3 +253,36 @@ def test_an_abbreviated_flag_is_an_error(script, args, tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith(f"error: unrecognized arguments: {' '.join(args[-2:])}")
+
+
+# --- quickstart.sh ----------------------------------------------------------------------------
+
+
+def test_quickstart_ends_with_the_recommendations_of_two_users(tmp_path):
+    # the environment counts as installed: setup_env.sh finds its stamp and installs nothing
+    requirements = (ROOT / "requirements.txt").read_bytes()
+    environment = tmp_path / "env"
+    environment.mkdir()
+    (environment / ".ncf-requirements").write_text(f"torch {hashlib.md5(requirements).hexdigest()}  -\n")
+    result = subprocess.run(
+        ["bash", str(ROOT / "quickstart.sh"), "-e", "1", "-b", "1024", "-f", "8", "--layers", "16", "8"],
+        env=script_env(
+            tmp_path, VIRTUAL_ENV=str(environment), TORCH_SPEC="torch", OMP_NUM_THREADS="1",
+            SYNTHETIC_ARGS="--users 80 --items 300 --ratings 4000",
+        ),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    data_root = tmp_path / "data_root"
+    assert metadata(data_root / "cache" / "synthetic")["n_users"] == 80  # the smaller synthetic set
+    assert (data_root / "checkpoints" / "synthetic" / "model.pth").is_file()
+    output = result.stdout
+    assert "epoch 0: HR@10" in output
+    table = output[output.index("== 3/3") :].splitlines()[1:]
+    assert table[0].split() == ["user_id", "rank", "item_id", "score"]
+    rows = [line.split() for line in table[1:]]
+    # the first two users of the file (synthetic user ids start at 1), ten items each, ranked
+    assert [(row[0], row[1]) for row in rows] == [(user, str(rank)) for user in ("1", "2") for rank in range(1, 11)]
+    for user in ("1", "2"):
+        scores = [float(row[3]) for row in rows if row[0] == user]
+        assert scores == sorted(scores, reverse=True) and all(0 < score < 1 for score in scores)
