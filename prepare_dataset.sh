@@ -110,9 +110,11 @@ fi
 if [ -f "$cache_dir/metadata.json" ] \
     && "$python" convert.py --path "$raw_file" --output "$cache_dir" --check > /dev/null 2>&1; then
     echo "$cache_dir: the $name cache is ready (delete it to rebuild)"
-    if [ -n "${CONVERT_ARGS:-}" ]; then
-        echo "$prog: note: CONVERT_ARGS ignored because the cache already exists" >&2
-    fi
+    for variable in CONVERT_ARGS SYNTHETIC_ARGS; do
+        if [ -n "${!variable:-}" ]; then
+            echo "$prog: note: $variable ignored because the cache already exists" >&2
+        fi
+    done
     exit 0
 fi
 
@@ -120,6 +122,9 @@ fi
 if [ -n "$preset" ]; then
     if [ -f "$raw_file" ]; then
         echo "$raw_file: using the synthetic ratings made earlier"
+        if [ -n "${SYNTHETIC_ARGS:-}" ]; then
+            echo "$prog: note: SYNTHETIC_ARGS ignored because $raw_file exists" >&2
+        fi
     else
         "$python" synthetic.py --preset "$preset" --output "$raw_file" ${synthetic_args[@]+"${synthetic_args[@]}"}
     fi

@@ -84,13 +84,16 @@ def test_prepare_synthetic_then_reuse_the_cache(tmp_path):
     assert metadata(cache)["n_users"] == 943
     before, raw_before = mtimes(cache), (raw / "ratings.csv").stat().st_mtime_ns
 
-    second = run(PREPARE, "synthetic-ml-100k", raw, cache, tmp_path=tmp_path, CONVERT_ARGS="--min_ratings 5")
+    second = run(
+        PREPARE, "synthetic-ml-100k", raw, cache, tmp_path=tmp_path,
+        CONVERT_ARGS="--min_ratings 5", SYNTHETIC_ARGS="--users 50",
+    )  # fmt: skip
     assert second.returncode == 0, second.stderr
     assert "ready" in second.stdout  # printed only when `convert.py --check` accepts the cache
     assert "training and" not in second.stdout  # convert.py's summary: it did not run again
     assert mtimes(cache) == before
     assert (raw / "ratings.csv").stat().st_mtime_ns == raw_before
-    assert "CONVERT_ARGS ignored" in second.stderr
+    assert "CONVERT_ARGS ignored" in second.stderr and "SYNTHETIC_ARGS ignored" in second.stderr
 
 
 def test_prepare_custom_csv_with_relative_paths_from_another_directory(tmp_path):
