@@ -1,6 +1,7 @@
 """Convert a ratings file into the cached tensors that training, evaluation and inference read.
 
 Pipeline (docs: README "Data preparation"):
+  0. with --rating_threshold, drop the rows rated below it;
   1. drop users with fewer than --min_ratings interactions;
   2. map raw user and item ids to dense 0-based ids in order of first appearance in the file;
   3. order each user's interactions by time, a later line winning a tie;
