@@ -376,10 +376,10 @@ def dense_table(ids, size):
     return table
 
 
-def row_keys(users, items, user_table, item_table, item_bits):
-    """user << item_bits | item (dense ids) of every row, in file order."""
+def row_keys(users, items, user_table, item_table, item_bits, out=None):
+    """user << item_bits | item (dense ids) of every row, in file order (in out, when given)."""
     starts = np.r_[chunk_starts(users), sum(len(chunk) for chunk in users)]
-    keys = np.empty(starts[-1], np.int64)
+    keys = np.empty(starts[-1], np.int64) if out is None else out
 
     def fill(first, last):  # chunk by chunk, each in the cache
         for index in range(first, last):
@@ -514,18 +514,19 @@ def split_leave_one_out(keys, times, n_users, item_bits, keys_in_file_order):
     """Dedupe (keep the earliest) and hold out each user's latest interaction.
 
     keys: user << item_bits | item of every row in file order, sorted here in place; times: the rows'
-    timestamps, a list of chunks; keys_in_file_order(): the keys made again, asked only when pairs
-    repeat. Returns the training keys (sorted, in keys' memory) and each user's test key.
+    timestamps, a list of chunks; keys_in_file_order(out): the keys made again into out, asked only when
+    pairs repeat. Returns the training keys (sorted) and each user's test key.
     """
     test_keys = keys[latest_rows(keys, times, n_users, item_bits)]
     sort_pair_keys(keys, item_bits)
     repeated = keys[1:] == keys[:-1]
     if repeated.any():
         pair_bounds = np.flatnonzero(np.r_[True, ~repeated, True])
-        keys[: len(pair_bounds) - 1] = keys[pair_bounds[:-1]]  # the distinct pairs, in keys' memory
-        keys = keys[: len(pair_bounds) - 1]
-        rows = rows_in_key_order(keys_in_file_order(), item_bits)
+        pairs = keys[pair_bounds[:-1]]
+        # keys' memory, warm and as large as the file, takes the rows in key order
+        rows = rows_in_key_order(keys_in_file_order(out=keys), item_bits)
         rows, earliest_times = earliest_of_each_pair(rows, times, pair_bounds)
+        keys = pairs
         test_keys = keys[latest_pairs(keys, rows, earliest_times, item_bits)]
     return delete_in_place(keys, np.searchsorted(keys, test_keys)), test_keys
 
@@ -637,8 +638,8 @@ def build(raw_users, raw_items, raw_times, min_ratings, valid_negative, seed):
         raise CliError(f"--valid_negative {valid_negative} must be smaller than the number of items ({n_items})")
     item_table, item_bits = dense_table(item_order, item_size), bits(n_items - 1)
 
-    def keys_in_file_order():
-        return row_keys(users, items, user_table, item_table, item_bits)
+    def keys_in_file_order(out=None):
+        return row_keys(users, items, user_table, item_table, item_bits, out)
 
     train_keys, test_keys = split_leave_one_out(keys_in_file_order(), raw_times, n_users, item_bits, keys_in_file_order)
     negatives = sample_test_negatives(train_keys, 1 << item_bits, n_users, n_items, valid_negative, seed)

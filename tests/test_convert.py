@@ -358,8 +358,13 @@ def test_split_matches_a_naive_reference(grouped, times_kind):
     item_bits = convert.bits(n_items - 1)
     keys = (users << item_bits) | items
     time_chunks = np.split(times, [5, 1000, 1001, 7000])  # uneven chunks, one of a single row
+
+    def keys_in_file_order(out):
+        out[:] = keys
+        return out
+
     train_keys, test_keys = convert.split_leave_one_out(
-        keys.copy(), time_chunks, len(present), item_bits, keys_in_file_order=keys.copy
+        keys.copy(), time_chunks, len(present), item_bits, keys_in_file_order
     )
     train = [(int(k) >> item_bits, int(k) & ((1 << item_bits) - 1)) for k in train_keys]
     expected_train, expected_test = naive_split(users.tolist(), items.tolist(), times.tolist())
