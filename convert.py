@@ -1,6 +1,7 @@
 """Convert a ratings file into the cached tensors that training, evaluation and inference read.
 
 Pipeline (docs: README "Data preparation"):
+  0. with --rating_threshold, drop the rows rated below it;
   1. drop users with fewer than --min_ratings interactions;
   2. map raw user and item ids to dense 0-based ids in order of first appearance in the file;
   3. order each user's interactions by time, a later line winning a tie;
@@ -26,6 +27,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -49,6 +51,7 @@ FORMAT_VERSION = 2  # 2: int32 tensors (1: int64)
 SORT_BLOCK_ROWS = 4096  # rows per block when sorting a file grouped by user
 CHUNK_ROWS = 1 << 20  # rows per chunk of the steps that work chunk by chunk
 SEARCH_BLOCK_USERS = 1024  # users per block when mapping ranks to free items
+PACKED_BITS = 63  # key << row_bits | row must fit in the value bits of an int64
 DRAW_BLOCK_USERS = 4096  # users per random stream of the test negatives (part of what a seed means)
 FORMATS = ("ml-20m", "ml-1m", "ml-100k", "custom", "ncf-paper")
 TRAIN_FILE = "train_ratings.pt"
@@ -70,7 +73,7 @@ NUMPY_TYPES = {pa.int32(): np.dtype(np.int32), pa.int64(): np.dtype(np.int64), p
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument(
         "--path", help="ratings file (ratings.csv, ratings.dat, u.data, a CSV, NAME.train.rating); unused by --check"
     )
@@ -80,6 +83,11 @@ def parse_args():
         default="auto",
         choices=("auto",) + FORMATS,
         help="input format; 'auto' guesses from the file name (ratings.csv, ratings.dat, u.data, *.train.rating)",
+    )
+    parser.add_argument(
+        "--rating_threshold",
+        type=float,
+        help="keep only the rows whose rating is at least this (before --min_ratings); default: every row",
     )
     # no defaults in the parser: --format ncf-paper refuses both (its users and negatives are the paper's)
     parser.add_argument("--min_ratings", type=int, help="drop users with fewer interactions (default 20)")
@@ -120,29 +128,32 @@ def first_line(path):
     return line.decode("utf-8-sig", errors="replace").rstrip("\r\n")
 
 
-def layout(path, fmt):
-    """(delimiter, has_header, column names or positions of user, item, timestamp, field count)."""
+def layout(path, fmt, with_rating=False):
+    """(delimiter, has_header, column names or positions of user, item, timestamp (and rating when
+    with_rating), field count)."""
     if fmt == "ml-20m":
-        return ",", True, ML20M_COLUMNS, None
+        return ",", True, ML20M_COLUMNS + ("rating",) * with_rating, None
     if fmt == "ml-1m":  # `::` read as ':' with empty fields between
-        return ":", False, (0, 2, 6), 7
+        return ":", False, (0, 2, 6) + (4,) * with_rating, 7
     if fmt in ("ml-100k", "ncf-paper"):  # the NCF paper's NAME.train.rating and NAME.test.rating too
-        return "\t", False, (0, 1, 3), 4
+        return "\t", False, (0, 1, 3) + (2,) * with_rating, 4
     header = [field.strip().lower() for field in first_line(path).split(",")]
     if "user_id" in header or "item_id" in header:
-        return ",", True, CUSTOM_COLUMNS, None
+        return ",", True, CUSTOM_COLUMNS + ("rating",) * with_rating, None
+    if with_rating:
+        raise CliError(f"--rating_threshold needs a rating column: {path} has no header line naming one")
     return ",", False, (0, 1, 2), None
 
 
-def read_ratings(path, fmt):
-    """Read the user, item and timestamp columns, each as a list of numpy arrays (the reader's blocks,
-    not copied into one array); ids stay as in the file (int or str)."""
+def read_ratings(path, fmt, with_rating=False):
+    """Read the user, item and timestamp columns (and with_rating, the ratings as floats), each as a list
+    of numpy arrays (the reader's blocks, not copied into one array); ids stay as in the file (int or str)."""
     path = Path(path)
     if not path.is_file():
         raise CliError(f"ratings file {path} does not exist")
     if path.stat().st_size == 0 or not first_line(path).strip():
         raise CliError(f"ratings file {path} is empty")
-    delimiter, has_header, columns, _ = layout(path, fmt)
+    delimiter, has_header, columns, _ = layout(path, fmt, with_rating)
     if has_header:
         header = [field.strip() for field in first_line(path).split(delimiter)]
         if fmt == "custom":
@@ -163,9 +174,10 @@ def read_ratings(path, fmt):
     number_types = [pa.float64()] if fmt == "custom" else [pa.int32(), pa.int64()]
     for number_type in number_types:
         id_type = pa.string() if fmt == "custom" else number_type
+        types = {include[0]: id_type, include[1]: id_type, include[2]: number_type}
         convert_options = pacsv.ConvertOptions(
             include_columns=include,
-            column_types={include[0]: id_type, include[1]: id_type, include[2]: number_type},
+            column_types=types | ({include[3]: pa.float64()} if with_rating else {}),
             null_values=[],  # an empty field is an error (and no column has a validity bitmap to read)
             strings_can_be_null=False,
             quoted_strings_can_be_null=False,
@@ -180,18 +192,18 @@ def read_ratings(path, fmt):
             break
         except (pa.ArrowException, UnicodeDecodeError) as error:
             if number_type == number_types[-1]:
-                raise CliError(f"{path}: {diagnose(path, fmt) or error}") from None
+                raise CliError(f"{path}: {diagnose(path, fmt, with_rating) or error}") from None
     if table.num_rows == 0:
         raise CliError(f"{path} holds no ratings")
-    users, items, times = (table.column(name) for name in include)
+    users, items, times, *ratings = (table.column(name) for name in include)
     if fmt == "custom":
         users, items = numeric_ids_if_possible(users), numeric_ids_if_possible(items)
         for name, ids in (("user", users), ("item", items)):
             blank = first_blank(ids) if pa.types.is_string(ids.type) else None
             if blank is not None:
                 raise CliError(f"{path}: line {line_number(path, blank, has_header)}: empty {name} id")
-    users, items, times = (
-        [to_numpy(chunk) for chunk in column.chunks if len(chunk)] for column in (users, items, times)
+    users, items, times, *ratings = (
+        [to_numpy(chunk) for chunk in column.chunks if len(chunk)] for column in (users, items, times, *ratings)
     )
     if times[0].dtype.kind == "f":
         bad = rows_where(times, lambda chunk: ~np.isfinite(chunk))
@@ -202,9 +214,27 @@ def read_ratings(path, fmt):
         if bad is not None:
             value = np.concatenate(ids)[bad]
             raise CliError(f"{path}: line {line_number(path, bad, has_header)}: negative {name} id {value}")
+    if with_rating:
+        bad = rows_where(ratings[0], lambda chunk: ~np.isfinite(chunk))
+        if bad is not None:
+            raise CliError(f"{path}: line {line_number(path, bad, has_header)}: rating is not a finite number")
     # the reader's buffers are free now; hand them back (arrow's allocator keeps freed memory) so that
     # the next allocations reuse warm pages: fresh memory is slow to get on some machines
     pa.default_memory_pool().release_unused()
+    return users, items, times, *ratings
+
+
+def rated_at_least(threshold, users, items, times, ratings):
+    """The users, items and times of the rows rated threshold or more (lists of chunks, as read)."""
+    keeps = [chunk >= threshold for chunk in ratings]
+    users, items, times = (
+        [chunk[keep] for chunk, keep in zip(column, keeps, strict=True) if keep.any()]
+        for column in (users, items, times)
+    )
+    if not users:
+        raise CliError(
+            f"no rating is at least {threshold:g} (--rating_threshold); the highest is {max(map(np.max, ratings)):g}"
+        )
     return users, items, times
 
 
@@ -258,9 +288,9 @@ def first_blank(strings):
     return None if row < 0 else row
 
 
-def diagnose(path, fmt):
+def diagnose(path, fmt, with_rating=False):
     """Find the first bad line of a file the fast reader rejected. Only runs on the error path."""
-    delimiter, has_header, columns, n_fields = layout(path, fmt)
+    delimiter, has_header, columns, n_fields = layout(path, fmt, with_rating)
     integer = re.compile(r"\s*-?\d+\s*$")
     with open(path, encoding="utf-8-sig", errors="replace", newline="") as file:
         header = file.readline() if has_header else None
@@ -282,7 +312,7 @@ def diagnose(path, fmt):
                 return f"line {number}: expected {expected} fields, got {got}: {shown!r}"
             if len(fields) <= max(columns):
                 return f"line {number}: expected at least {max(columns) + 1} fields, got {len(fields)}: {line!r}"
-            user, item, timestamp = (fields[i] for i in columns)
+            user, item, timestamp, *rating = (fields[i] for i in columns)
             if fmt != "custom":
                 for name, value in (("user id", user), ("item id", item)):
                     if not integer.match(value):
@@ -293,6 +323,11 @@ def diagnose(path, fmt):
                 return f"line {number}: timestamp {timestamp!r} is not a number"
             if fmt != "custom" and not integer.match(timestamp):
                 return f"line {number}: timestamp {timestamp!r} is not an integer"
+            for value in rating:  # with --rating_threshold
+                try:
+                    float(value)
+                except ValueError:
+                    return f"line {number}: rating {value!r} is not a number"
     return None
 
 
@@ -439,10 +474,10 @@ def dense_table(ids, size):
     return table
 
 
-def row_keys(users, items, user_table, item_table, item_bits):
-    """user << item_bits | item (dense ids) of every row, in file order."""
+def row_keys(users, items, user_table, item_table, item_bits, out=None):
+    """user << item_bits | item (dense ids) of every row, in file order (in out, when given)."""
     starts = np.r_[chunk_starts(users), sum(len(chunk) for chunk in users)]
-    keys = np.empty(starts[-1], np.int64)
+    keys = np.empty(starts[-1], np.int64) if out is None else out
 
     def fill(first, last):  # chunk by chunk, each in the cache
         for index in range(first, last):
@@ -516,24 +551,79 @@ def latest_rows(keys, times, n_users, item_bits, passed_over=None):
     return last
 
 
-def earliest_of_each_pair(keys, times, repeated_keys):
-    """The rows to keep when some pairs repeat: each pair's earliest row, ties to the earlier line."""
-    rows = np.flatnonzero(np.isin(keys, repeated_keys))
-    rows = rows[np.lexsort((times[rows], keys[rows]))]  # by pair, then time, then line (lexsort is stable)
-    later = np.r_[False, keys[rows[1:]] == keys[rows[:-1]]]
-    kept = np.ones(len(keys), dtype=bool)
-    kept[rows[later]] = False
-    return np.flatnonzero(kept)
+def rows_in_key_order(file_keys, item_bits):
+    """Every row ordered by its key, the rows of a key in file order: a stable argsort of file_keys.
+
+    When the row numbers fit beside the keys in 64 bits, file_keys (a sort's own input, overwritten)
+    is sorted as key << row_bits | row, blocks of whole users at a time when the file is grouped by user
+    (sort_pair_keys): several times faster than an argsort, and done in file_keys' memory.
+    """
+    row_bits = bits(len(file_keys) - 1)
+    if int(file_keys.max()).bit_length() + row_bits > PACKED_BITS:
+        return np.argsort(file_keys, kind="stable")
+
+    def pack(first, last):
+        for start in range(first, last, CHUNK_ROWS):
+            chunk = file_keys[start : min(start + CHUNK_ROWS, last)]
+            chunk <<= row_bits
+            chunk |= np.arange(start, start + len(chunk))
+
+    in_parallel(pack, len(file_keys))
+    sort_pair_keys(file_keys, item_bits + row_bits)
+    file_keys &= (1 << row_bits) - 1
+    return file_keys
+
+
+def earliest_of_each_pair(rows, times, pair_bounds):
+    """Each pair's earliest row and its timestamp: the smallest timestamp, ties to the earlier line.
+
+    rows: every row in key order, a key's rows in file order (rows_in_key_order); times: the rows'
+    timestamps, a list of chunks; pair_bounds: where each pair's rows start in rows, then len(rows).
+    """
+    times = np.concatenate(times)
+    n_pairs = len(pair_bounds) - 1
+    earliest_row = np.empty(n_pairs, np.int64)
+    earliest_time = np.empty(n_pairs, times.dtype)
+    # chunks of whole pairs, so that the temporaries stay small
+    bounds = np.unique(np.r_[np.searchsorted(pair_bounds[:-1], np.arange(0, len(rows), CHUNK_ROWS)), n_pairs])
+
+    def find(first, last):
+        for low, high in zip(bounds[first:last], bounds[first + 1 : last + 1], strict=True):
+            start, end = pair_bounds[low], pair_bounds[high]
+            chunk_times = times[rows[start:end]]
+            starts = pair_bounds[low:high] - start
+            earliest = np.minimum.reduceat(chunk_times, starts)
+            at_earliest = chunk_times == np.repeat(earliest, np.diff(pair_bounds[low : high + 1]))
+            first_at_earliest = np.minimum.reduceat(np.where(at_earliest, np.arange(end - start), end - start), starts)
+            earliest_row[low:high] = rows[start + first_at_earliest]
+            earliest_time[low:high] = earliest
+
+    in_parallel(find, len(bounds) - 1)
+    return earliest_row, earliest_time
+
+
+def latest_pairs(pairs, rows, times, item_bits):
+    """Each user's pair with the largest timestamp, the later line winning a tie.
+
+    pairs: the distinct keys, sorted (every user has one); rows, times: each pair's row and timestamp.
+    Returns the pairs' indices, in user order.
+    """
+    users = pairs >> item_bits
+    user_starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    candidates = np.flatnonzero(times == np.maximum.reduceat(times, user_starts)[users])
+    last_row = np.full(len(user_starts), -1)
+    np.maximum.at(last_row, users[candidates], rows[candidates])
+    return candidates[rows[candidates] == last_row[users[candidates]]]
 
 
 def split_leave_one_out(keys, times, n_users, item_bits, keys_in_file_order, validation=False):
     """Dedupe (keep the earliest) and hold out each user's latest interaction.
 
     keys: user << item_bits | item of every row in file order, sorted here in place; times: the rows'
-    timestamps, a list of chunks; keys_in_file_order(): the keys made again, asked only when pairs
-    repeat. Returns the training keys (sorted, in keys' memory), each user's test key and, with
+    timestamps, a list of chunks; keys_in_file_order(out): the keys made again into out, asked only when
+    pairs repeat. Returns the training keys (sorted, in keys' memory), each user's test key and, with
     validation, each user's second-latest key (still among the training keys; else None). A user with a
-    single pair gets a meaningless validation key: the caller refuses such users.
+    single pair gets no or a meaningless validation key: the caller refuses such users.
     """
     latest = latest_rows(keys, times, n_users, item_bits)
     test_keys = keys[latest]
@@ -541,14 +631,17 @@ def split_leave_one_out(keys, times, n_users, item_bits, keys_in_file_order, val
     sort_pair_keys(keys, item_bits)
     repeated = keys[1:] == keys[:-1]
     if repeated.any():
-        file_order, times = keys_in_file_order(), np.concatenate(times)
-        kept = earliest_of_each_pair(file_order, times, np.unique(keys[1:][repeated]))
-        kept_keys, kept_times = file_order[kept], [times[kept]]
-        latest = latest_rows(kept_keys, kept_times, n_users, item_bits)
-        test_keys = kept_keys[latest]
-        if validation:
-            valid_keys = kept_keys[latest_rows(kept_keys, kept_times, n_users, item_bits, latest)]
-        keys = keys[np.r_[True, ~repeated]]
+        pair_bounds = np.flatnonzero(np.r_[True, ~repeated, True])
+        pairs = keys[pair_bounds[:-1]]
+        # keys' memory, warm and as large as the file, takes the rows in key order
+        rows = rows_in_key_order(keys_in_file_order(out=keys), item_bits)
+        rows, earliest_times = earliest_of_each_pair(rows, times, pair_bounds)
+        keys = pairs
+        latest = latest_pairs(keys, rows, earliest_times, item_bits)
+        test_keys = keys[latest]
+        if validation:  # the latest of each user's other pairs
+            rest = np.delete(np.arange(len(keys)), latest)
+            valid_keys = keys[rest[latest_pairs(keys[rest], rows[rest], earliest_times[rest], item_bits)]]
     return delete_in_place(keys, np.searchsorted(keys, test_keys)), test_keys, valid_keys
 
 
@@ -668,7 +761,11 @@ def build(raw_users, raw_items, raw_times, min_ratings, valid_negative, seed, va
     user_order = first_appearances(users, user_size)
     kept_users = user_order[row_counts(users, user_size)[user_order] >= min_ratings]
     if not len(kept_users):
-        raise CliError(f"no user has {min_ratings} or more ratings (--min_ratings); nothing to train on")
+        n_rows, n_users = sum(len(chunk) for chunk in users), len(user_order)
+        raise CliError(
+            f"no user has {min_ratings} or more ratings (--min_ratings) among the {n_rows:,} ratings kept, of "
+            f"{n_users:,} user{'s' * (n_users != 1)}; nothing to train on"
+        )
     user_table = dense_table(kept_users, user_size)
     if len(kept_users) < len(user_order):  # drop the light users' rows, once for every later step
         kept_rows = [user_table[chunk] >= 0 for chunk in users]
@@ -681,8 +778,8 @@ def build(raw_users, raw_items, raw_times, min_ratings, valid_negative, seed, va
         raise CliError(f"--valid_negative {valid_negative} must be smaller than the number of items ({n_items})")
     item_table, item_bits = dense_table(item_order, item_size), bits(n_items - 1)
 
-    def keys_in_file_order():
-        return row_keys(users, items, user_table, item_table, item_bits)
+    def keys_in_file_order(out=None):
+        return row_keys(users, items, user_table, item_table, item_bits, out)
 
     train_keys, test_keys, valid_keys = split_leave_one_out(
         keys_in_file_order(), raw_times, n_users, item_bits, keys_in_file_order, validation
@@ -881,7 +978,7 @@ def main():
         return
     fmt = guess_format(args.path) if args.format == "auto" else args.format
     if fmt == "ncf-paper":
-        for flag in ("min_ratings", "valid_negative"):
+        for flag in ("min_ratings", "valid_negative", "rating_threshold"):
             if getattr(args, flag) is not None:
                 raise CliError(f"--{flag} does not apply to --format ncf-paper (its users and negatives are given)")
     min_ratings = 20 if args.min_ratings is None else args.min_ratings
@@ -892,6 +989,8 @@ def main():
         raise CliError("--valid_negative must be at least 1")
     if args.seed < 0:
         raise CliError("--seed must be non-negative")
+    if args.rating_threshold is not None and not math.isfinite(args.rating_threshold):
+        raise CliError("--rating_threshold must be a finite number")
     digest, notes = [], []
     if fmt == "ncf-paper":
         paths = ncf_paper_paths(args.path)
@@ -899,8 +998,12 @@ def main():
         sha256_of(paths, digest)  # the three files, one after the other
         min_ratings, valid_negative = None, cache["negatives"].shape[1]
     else:
-        columns = read_ratings(args.path, fmt)
+        columns = read_ratings(args.path, fmt, with_rating=args.rating_threshold is not None)
         n_ratings_read = sum(len(chunk) for chunk in columns[0])
+        if args.rating_threshold is not None:
+            columns = rated_at_least(args.rating_threshold, *columns)
+            n_kept = sum(len(chunk) for chunk in columns[0])
+            print(f"--rating_threshold {args.rating_threshold:g}: {n_kept:,} of the {n_ratings_read:,} ratings kept")
         # hash the file beside the processing, whose single-threaded steps leave a core free
         hasher = threading.Thread(target=sha256_of, args=([args.path], digest))
         hasher.start()
@@ -927,6 +1030,8 @@ def main():
     }
     if args.validation:  # no key without a split: those caches stay byte-identical to earlier ones
         meta["validation"] = True
+    if args.rating_threshold is not None:  # no key without it: those caches stay byte-identical
+        meta["rating_threshold"] = args.rating_threshold
     write_cache(args.output, cache, meta)
     counts = f"{meta['n_train']:,} training" + (f", {meta['n_users']:,} validation" if args.validation else "")
     print(

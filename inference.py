@@ -40,7 +40,7 @@ TABLE_COLUMNS = (
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--mode", choices=["benchmark", "recommend"], default="benchmark", help="default: %(default)s")
     parser.add_argument("--load_checkpoint_path", help="model.pth (with or without DDP's `module.` prefix)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")

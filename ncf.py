@@ -13,19 +13,18 @@ import argparse
 import contextlib
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import tqdm
 from torch.nn.parallel import DistributedDataParallel
 
 from dataloading import FullRanking, TrainBatches, load_cache, make_evaluator, metrics_from_histogram, rank_histogram
 from neumf import MODELS, NeuMF
 from utils import (
     CliError,
+    Progress,
     all_reduce_sum,
     atomic_save,
     broadcast_int,
@@ -45,6 +44,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Train an NCF model (NeuMF, GMF or MLP) and report HR@K / NDCG@K.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--data", required=True, help="cache directory written by convert.py / prepare_dataset.sh")
     parser.add_argument("--model", choices=MODELS, default="neumf", help="NeuMF, or one of its branches alone")
@@ -394,7 +394,7 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
     throughputs, eval_throughputs, target_time = [], [], None
     for epoch in range(first_epoch, args.epochs):
         torch.manual_seed(epoch_seed(seed, epoch) * world_size + rank)  # dropout: per rank, per epoch
-        progress = tqdm.tqdm(total=len(train_batches), disable=not (rank == 0 and sys.stdout.isatty()), leave=False)
+        progress = Progress(len(train_batches), train_batches.samples_per_epoch, f"epoch {epoch}", rank == 0)
         start = time.time()
         batches = train_batches.epoch(epoch_seed(seed, epoch))
         loss_sum = train_epoch(ddp_model, optimizer, scaler, batches, args, autocast, progress)

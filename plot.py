@@ -193,7 +193,9 @@ def study_figures(storage, study_name):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description="Figures (PNG) from ncf.py logs or a tune.py study.")
+    parser = argparse.ArgumentParser(
+        description="Figures (PNG) from ncf.py logs or a tune.py study.", allow_abbrev=False
+    )
     parser.add_argument("logs", nargs="*", type=Path, help="DLLogger logs of ncf.py (one or more runs each)")
     parser.add_argument("--study", help="storage URL of a tune.py study, e.g. sqlite:///study.db")
     parser.add_argument("--study_name", help="the study's name in --study")

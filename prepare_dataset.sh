@@ -15,7 +15,8 @@
 #           ml-1m/ratings.dat, ml-100k/u.data; or the file right in RAW_DIR), else have
 #           download_dataset.sh unpack RAW_DIR/<name>.zip (md5-checked) or download it;
 #           synthetic data is written to RAW_DIR/ratings.csv;
-#        3. run convert.py. Extra options for it go in CONVERT_ARGS, e.g. CONVERT_ARGS="--min_ratings 10".
+#        3. run convert.py. Extra options for it go in CONVERT_ARGS, e.g. CONVERT_ARGS="--min_ratings 10";
+#           for synthetic data, extra synthetic.py options in SYNTHETIC_ARGS, e.g. SYNTHETIC_ARGS="--users 500".
 # Offline: put the official zip at RAW_DIR/<name>.zip (or its unpacked files in RAW_DIR) first.
 # Python: $PYTHON if set, else `python` of the active virtualenv/conda environment, else ./.venv, else python3.
 set -euo pipefail
@@ -78,6 +79,7 @@ data_root="$(absolute "${DATA_ROOT:-$here/data}")"
 raw_dir="$(absolute "${2:-$data_root/$name}")"
 cache_dir="$(absolute "${3:-$data_root/cache/$name}")"
 read -r -a convert_args <<< "${CONVERT_ARGS:-}"
+read -r -a synthetic_args <<< "${SYNTHETIC_ARGS:-}"
 
 if [ -n "${PYTHON:-}" ]; then
     python="$PYTHON"
@@ -108,9 +110,11 @@ fi
 if [ -f "$cache_dir/metadata.json" ] \
     && "$python" convert.py --path "$raw_file" --output "$cache_dir" --check > /dev/null 2>&1; then
     echo "$cache_dir: the $name cache is ready (delete it to rebuild)"
-    if [ -n "${CONVERT_ARGS:-}" ]; then
-        echo "$prog: note: CONVERT_ARGS ignored because the cache already exists" >&2
-    fi
+    for variable in CONVERT_ARGS SYNTHETIC_ARGS; do
+        if [ -n "${!variable:-}" ]; then
+            echo "$prog: note: $variable ignored because the cache already exists" >&2
+        fi
+    done
     exit 0
 fi
 
@@ -118,8 +122,11 @@ fi
 if [ -n "$preset" ]; then
     if [ -f "$raw_file" ]; then
         echo "$raw_file: using the synthetic ratings made earlier"
+        if [ -n "${SYNTHETIC_ARGS:-}" ]; then
+            echo "$prog: note: SYNTHETIC_ARGS ignored because $raw_file exists" >&2
+        fi
     else
-        "$python" synthetic.py --preset "$preset" --output "$raw_file"
+        "$python" synthetic.py --preset "$preset" --output "$raw_file" ${synthetic_args[@]+"${synthetic_args[@]}"}
     fi
 elif [ -z "$custom_file" ] && [ ! -f "$raw_file" ]; then
     # download_dataset.sh checks a zip already in RAW_DIR and unpacks it, or downloads one

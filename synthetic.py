@@ -36,7 +36,7 @@ FIRST_TIMESTAMP, LAST_TIMESTAMP = 789_652_009, 1_427_784_002  # the span of ML-2
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--output", required=True, help="ratings CSV to write")
     parser.add_argument("--preset", choices=PRESETS, default="ml-1m", help="shape of a MovieLens release")
     parser.add_argument("--users", type=int, help="number of users (overrides the preset)")

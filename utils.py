@@ -1,4 +1,4 @@
-"""Helpers shared by the scripts: user-facing errors, atomic writes, distributed set-up, logging.
+"""Helpers shared by the scripts: user-facing errors, atomic writes, distributed set-up, logging, progress.
 
 torch is imported inside the functions that use it: the data tools (convert.py, synthetic.py)
 import this module too and never need torch.
@@ -245,3 +245,61 @@ def make_logger(path, enabled):
             dllogger.flush()
 
     return _DLLoggerAdapter()
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+PROGRESS_INTERVAL_VARIABLE = "NCF_PROGRESS_INTERVAL"  # seconds between progress lines in logs
+DEFAULT_PROGRESS_INTERVAL = 20.0
+
+
+def progress_interval():
+    text = os.environ.get(PROGRESS_INTERVAL_VARIABLE, str(DEFAULT_PROGRESS_INTERVAL))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise CliError(f"{PROGRESS_INTERVAL_VARIABLE} must be a number of seconds >= 0, not {text!r}")
+    return seconds
+
+
+class Progress:
+    """Progress through the steps of a long loop (an epoch), for whoever watches it.
+
+    On a terminal: tqdm's bar. Otherwise (a log file, CI, nohup, a notebook): a line at most every
+    NCF_PROGRESS_INTERVAL seconds (default 20) with the step, samples/s and the time left, so a loop
+    shorter than that prints nothing. Silent when not enabled (every rank but 0).
+    """
+
+    def __init__(self, total_steps, total_samples, label, enabled=True):
+        self.total_steps, self.total_samples, self.label = total_steps, total_samples, label
+        self.enabled, self.interval, self.step = enabled, progress_interval(), 0
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            import tqdm
+
+            self.bar = tqdm.tqdm(total=total_steps, leave=False)
+        self.start = self.last_line = time.perf_counter()
+
+    def update(self):
+        self.step += 1
+        if self.bar is not None:
+            self.bar.update()
+            return
+        now = time.perf_counter()
+        if not self.enabled or now - self.last_line < self.interval or self.step >= self.total_steps:
+            return
+        self.last_line = now
+        steps_per_second = self.step / (now - self.start)
+        samples_per_second = steps_per_second * self.total_samples / self.total_steps
+        seconds_left = (self.total_steps - self.step) / steps_per_second
+        print(
+            f"{self.label}: step {self.step:,}/{self.total_steps:,}  {samples_per_second:,.0f} samples/s  "
+            f"{seconds_left:,.0f}s left",
+            flush=True,
+        )
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

@@ -151,7 +151,7 @@ def format_settings(settings):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--data", required=True, help="cache directory written by convert.py --validation")
     parser.add_argument("--methods", nargs="+", default=list(GRIDS), help=f"any of {', '.join(GRIDS)}")
     parser.add_argument("--eval_protocol", default="reference", help=f"{', '.join(PROTOCOLS)}, as in ncf.py")

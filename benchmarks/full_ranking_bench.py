@@ -52,7 +52,7 @@ def batch_size(text):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--data", type=Path, help="a cache written by convert.py (default: convert --ratings)")
     parser.add_argument("--ratings", type=Path, default=DEFAULT_RATINGS, help="ML-1m ratings.dat to convert")
     parser.add_argument("--load_checkpoint_path", type=Path, help="model.pth to score with (default: random)")

@@ -28,13 +28,13 @@ sys.path.insert(0, str(ROOT))
 import ncf  # noqa: E402
 from dataloading import EvalCandidates, TrainBatches, load_cache  # noqa: E402
 from neumf import NeuMF  # noqa: E402
-from utils import CliError, run_main, write_json  # noqa: E402
+from utils import CliError, Progress, run_main, write_json  # noqa: E402
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", type=Path, help="cache directory (convert.py / prepare_dataset.sh)")
     source.add_argument("--preset", default="ml-1m", help="synthetic.py preset to generate when --data is not given")
@@ -110,15 +110,19 @@ def measure(args):
     optimizer = ncf.make_optimizer(model, settings, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     batches = TrainBatches(data.train, data.n_items, 4, args.batch_size, 0, 1, device)
-    no_progress = type("NoProgress", (), {"update": lambda self: None})()
     trained = torch.compile(model) if args.compile else model  # compiled by the warm-up steps
 
+    def train(label, epoch_batches):
+        progress = Progress(len(epoch_batches), sum(len(labels) for *_, labels in epoch_batches), label)
+        ncf.train_epoch(trained, optimizer, scaler, epoch_batches, settings, autocast, progress)
+        progress.close()
+
     warmup = batches.epoch(seed=0)[:3]
-    ncf.train_epoch(trained, optimizer, scaler, warmup, settings, autocast, no_progress)
+    train("warm-up", warmup)
     synchronize(device)
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        ncf.train_epoch(trained, optimizer, scaler, batches.epoch(seed=epoch + 1), settings, autocast, no_progress)
+        train(f"pipeline epoch {epoch}", batches.epoch(seed=epoch + 1))
     synchronize(device)
     pipeline_seconds = time.perf_counter() - start
     steps = len(batches) * args.epochs
@@ -126,7 +130,7 @@ def measure(args):
 
     full_batch = warmup[0]
     start = time.perf_counter()
-    ncf.train_epoch(trained, optimizer, scaler, [full_batch] * steps, settings, autocast, no_progress)
+    train("bare steps", [full_batch] * steps)
     synchronize(device)
     bare = steps * len(full_batch[0]) / (time.perf_counter() - start)
 

@@ -171,6 +171,57 @@ def test_custom_csv_variants(tmp_path, variant):
     assert cache["test"].tolist() == EXPECTED_TEST
 
 
+def rated_file_text(fmt, rows):
+    if fmt == "custom":  # string ids; the rating column named in another case, before the others
+        return "Rating,timestamp,user_id,item_id\n" + "".join(f"{r},{t},u{u},i{i}\n" for u, i, r, t in rows)
+    return ratings_text(fmt, rows)
+
+
+@pytest.mark.parametrize(
+    "fmt, name",
+    [("ml-20m", "ratings.csv"), ("ml-1m", "ratings.dat"), ("ml-100k", "u.data"), ("custom", "events.csv")],
+    ids=str,
+)
+def test_rating_threshold_converts_as_a_file_of_the_rows_rated_at_least_it(tmp_path, fmt, name):
+    flags = ["--format", fmt, "--min_ratings", "1", "--valid_negative", "1"]
+    rated_3_or_more = [row for row in ROWS if row[2] >= 3]
+    for directory, rows in (("all", ROWS), ("kept", rated_3_or_more)):
+        (tmp_path / directory).mkdir()
+        (tmp_path / directory / name).write_text(rated_file_text(fmt, rows))
+    result = convert_ok(
+        "--path", tmp_path / "all" / name, "--output", tmp_path / "thresholded", "--rating_threshold", 3, *flags
+    )
+    assert result.stdout.startswith("--rating_threshold 3: 4 of the 6 ratings kept\n")
+    convert_ok("--path", tmp_path / "kept" / name, "--output", tmp_path / "expected", *flags)
+    thresholded, expected = load_cache(tmp_path / "thresholded"), load_cache(tmp_path / "expected")
+    for key in ("train", "test", "negatives"):
+        assert np.array_equal(thresholded[key], expected[key]), key
+    assert thresholded["user_ids"] == expected["user_ids"] and thresholded["item_ids"] == expected["item_ids"]
+    assert thresholded["meta"]["rating_threshold"] == 3 and thresholded["meta"]["n_ratings_read"] == len(ROWS)
+    assert "rating_threshold" not in expected["meta"]  # caches made without the flag stay as they were
+
+
+def test_rating_threshold_applies_before_min_ratings(tmp_path):
+    # user 20 has 3 ratings but only one of 3 or more: --min_ratings 2 then drops it
+    path = tmp_path / "ratings.csv"
+    path.write_text(ratings_text("ml-20m"))
+    convert_ok(
+        "--path",
+        path,
+        "--output",
+        tmp_path / "cache",
+        "--rating_threshold",
+        3,
+        "--min_ratings",
+        2,
+        "--valid_negative",
+        1,
+    )
+    cache = load_cache(tmp_path / "cache")
+    assert cache["user_ids"] == ["10"]
+    assert raw_test_items(cache) == {"10": "300"} and raw_train_pairs(cache) == [("10", "100"), ("10", "200")]
+
+
 def test_custom_string_ids_round_trip_through_the_cache(tmp_path):
     rows = [  # user, item, timestamp; ids look like numbers, words, numbers with zeros, with commas
         ("alice", "0042", 5),
@@ -325,9 +376,14 @@ def test_split_matches_a_naive_reference(grouped, times_kind):
     keys = (users << item_bits) | items
     time_chunks = np.split(times, [5, 1000, 1001, 7000])  # uneven chunks, one of a single row
     expected_train, expected_test, expected_valid = naive_split(users.tolist(), items.tolist(), times.tolist())
+
+    def keys_in_file_order(out):
+        out[:] = keys
+        return out
+
     for validation in (False, True):
         train_keys, test_keys, valid_keys = convert.split_leave_one_out(
-            keys.copy(), time_chunks, len(present), item_bits, keys.copy, validation
+            keys.copy(), time_chunks, len(present), item_bits, keys_in_file_order, validation
         )
         train = [(int(k) >> item_bits, int(k) & ((1 << item_bits) - 1)) for k in train_keys]
         assert train == expected_train  # the validation pairs still among them
@@ -338,6 +394,31 @@ def test_split_matches_a_naive_reference(grouped, times_kind):
             assert all(valid_keys[user] >> item_bits == user for user in expected_valid)
         else:
             assert valid_keys is None
+
+
+@pytest.mark.parametrize("sort", ["packed", "argsort"])
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped by user", "shuffled"])
+def test_repeat_heavy_file_matches_the_naive_reference(tmp_path, grouped, sort, monkeypatch):
+    # an interaction log: most rows repeat a pair, often at a tied or earlier time than its first line
+    monkeypatch.setattr(convert, "CHUNK_ROWS", 1000)  # pairs straddle the chunks of earliest_of_each_pair
+    if sort == "argsort":  # the path of files whose keys and row numbers do not fit in 64 bits
+        monkeypatch.setattr(convert, "PACKED_BITS", 0)
+    rng = np.random.default_rng(21)
+    n_rows = 20_000
+    users = rng.integers(0, 300, n_rows) * 3 + 1
+    users = np.sort(users) if grouped else users
+    items = rng.integers(0, 25, n_rows) * 7 + 5
+    times = rng.integers(0, 6, n_rows)  # many ties
+    assert len(set(zip(users.tolist(), items.tolist(), strict=True))) < 0.45 * n_rows  # > 55 % repeated rows
+    path = tmp_path / "ratings.csv"
+    pd.DataFrame({"userId": users, "movieId": items, "rating": 1.0, "timestamp": times}).to_csv(path, index=False)
+    cache = convert.build(*convert.read_ratings(path, "ml-20m"), 1, 5, 1)
+    expected_train, expected_test, expected_valid = naive_split(users.tolist(), items.tolist(), times.tolist())
+    assert raw_train_pairs(cache) == expected_train
+    assert raw_test_items(cache) == expected_test
+    split = convert.build(*convert.read_ratings(path, "ml-20m"), 1, 5, 1, validation=True)  # the dup path's split
+    assert raw_test_items(split) == expected_test and raw_valid_items(split) == expected_valid
+    assert raw_train_pairs(split) == sorted(set(expected_train) - set(expected_valid.items()))
 
 
 @pytest.mark.parametrize("ids", ["small ints", "strings"])
@@ -1084,6 +1165,61 @@ BAD_INPUTS = {
         "line 8: negative item id -30",
     ),
     "every user filtered out": ({"ratings.csv": GOOD}, ["--path", "{dir}/ratings.csv"], "no user has 20 or more"),
+    "rating threshold leaves no user with enough ratings": (
+        {"ratings.csv": GOOD},
+        ["--path", "{dir}/ratings.csv", "--rating_threshold", "4", "--min_ratings", "3"],
+        "no user has 3 or more ratings (--min_ratings) among the 2 ratings kept, of 1 user;",
+    ),
+    "rating threshold above every rating": (
+        {"ratings.csv": GOOD},
+        ["--path", "{dir}/ratings.csv", "--rating_threshold", "4.5"],
+        "no rating is at least 4.5 (--rating_threshold); the highest is 4",
+    ),
+    "rating threshold not a number": (
+        {"ratings.csv": GOOD},
+        ["--path", "{dir}/ratings.csv", "--rating_threshold", "nan"],
+        "--rating_threshold must be a finite number",
+    ),
+    "non-numeric rating, ml-20m": (
+        {"ratings.csv": GOOD.replace("1,20,4.0,101", "1,20,good,101")},
+        ["--path", "{dir}/ratings.csv", "--rating_threshold", "4"],
+        "line 3: rating 'good' is not a number",
+    ),
+    "non-numeric rating, ml-1m": (
+        {"ratings.dat": "1::10::4::100\n1::20::x::101\n"},
+        ["--path", "{dir}/ratings.dat", "--rating_threshold", "4"],
+        "line 2: rating 'x' is not a number",
+    ),
+    "non-numeric rating, ml-100k": (
+        {"u.data": "1\t10\t4\t100\n1\t11\tfive\t101\n"},
+        ["--path", "{dir}/u.data", "--rating_threshold", "4"],
+        "line 2: rating 'five' is not a number",
+    ),
+    "empty rating, custom": (
+        {"events.csv": "user_id,item_id,timestamp,rating\na,b,1,4\na,c,2,\n"},
+        ["--path", "{dir}/events.csv", "--rating_threshold", "4"],
+        "line 3: rating '' is not a number",
+    ),
+    "nan rating, custom": (
+        {"events.csv": "user_id,item_id,timestamp,rating\na,b,1,4\na,c,2,nan\n"},
+        ["--path", "{dir}/events.csv", "--rating_threshold", "4"],
+        "line 3: rating is not a finite number",
+    ),
+    "no rating column, custom header": (
+        {"events.csv": "user_id,item_id,timestamp\na,b,1\n"},
+        ["--path", "{dir}/events.csv", "--rating_threshold", "4"],
+        "has no column rating",
+    ),
+    "no rating column, custom without header": (
+        {"events.csv": "a,b,1,5\n"},
+        ["--path", "{dir}/events.csv", "--rating_threshold", "4"],
+        "--rating_threshold needs a rating column",
+    ),
+    "abbreviated flag": (  # --min_rating is not --min_ratings (nor --rating_threshold)
+        {"ratings.csv": GOOD},
+        ["--path", "{dir}/ratings.csv", "--min_rating", "1"],
+        "unrecognized arguments: --min_rating 1",
+    ),
     "unknown format": (
         {"ratings.csv": GOOD},
         ["--path", "{dir}/ratings.csv", "--format", "ml-30m"],
@@ -1209,7 +1345,11 @@ BAD_INPUTS = {
         "--validation needs them apart",
     ),
 }
-ARGPARSE_ERRORS = {"unknown format", "no --path"}  # argparse prints its usage before the one error line
+ARGPARSE_ERRORS = {
+    "unknown format",
+    "no --path",
+    "abbreviated flag",
+}  # argparse prints its usage before the one error line
 # Each CLI run pays ~1.5 s to import torch, so every case runs in process (the same run_main(main)
 # the script runs, with its real stderr and exit code) and a sample of them through the CLI too.
 CLI_CASES = [
@@ -1217,6 +1357,8 @@ CLI_CASES = [
     "malformed row, ml-20m",
     "missing column, custom without header",
     "negative item id after a blank line",
+    "non-numeric rating, ml-1m",
+    "abbreviated flag",
     "unknown format",
     "unwritable output",
     "output is a directory that is not a cache",
@@ -1357,6 +1499,18 @@ def test_ml_1m_partial(shared_data, converted):
     frame = read_ml_1m(raw)
     check_against_raw(cache, frame["user"], frame["item"], frame["time"])
     assert cache_digest(raw.parent.parent / "cache") == PINNED_DIGESTS["ml-1m/ratings.dat"]
+
+
+def test_ml_1m_partial_with_ratings_of_4_or_more(shared_data, tmp_path):
+    raw = tmp_path / "ratings.dat"
+    shutil.copyfile(shared_data / "ml-1m" / "ratings.PARTIAL-users-1-2999.dat", raw)
+    convert_ok("--path", raw, "--output", tmp_path / "cache", "--rating_threshold", 4)
+    cache = load_cache(tmp_path / "cache")
+    assert cache["meta"]["rating_threshold"] == 4
+    frame = pd.read_csv(raw, sep=":", header=None, usecols=[0, 2, 4, 6], names=["user", "item", "rating", "time"])
+    frame = frame[frame["rating"] >= 4]
+    frame = frame[frame.groupby("user")["user"].transform("size") >= 20]
+    check_against_raw(cache, frame["user"], frame["item"], frame["time"])
 
 
 def test_ml_1m_agrees_with_the_ncf_paper_test_file(shared_data, converted):

@@ -84,13 +84,16 @@ def test_prepare_synthetic_then_reuse_the_cache(tmp_path):
     assert metadata(cache)["n_users"] == 943
     before, raw_before = mtimes(cache), (raw / "ratings.csv").stat().st_mtime_ns
 
-    second = run(PREPARE, "synthetic-ml-100k", raw, cache, tmp_path=tmp_path, CONVERT_ARGS="--min_ratings 5")
+    second = run(
+        PREPARE, "synthetic-ml-100k", raw, cache, tmp_path=tmp_path,
+        CONVERT_ARGS="--min_ratings 5", SYNTHETIC_ARGS="--users 50",
+    )  # fmt: skip
     assert second.returncode == 0, second.stderr
     assert "ready" in second.stdout  # printed only when `convert.py --check` accepts the cache
     assert "training and" not in second.stdout  # convert.py's summary: it did not run again
     assert mtimes(cache) == before
     assert (raw / "ratings.csv").stat().st_mtime_ns == raw_before
-    assert "CONVERT_ARGS ignored" in second.stderr
+    assert "CONVERT_ARGS ignored" in second.stderr and "SYNTHETIC_ARGS ignored" in second.stderr
 
 
 def test_prepare_custom_csv_with_relative_paths_from_another_directory(tmp_path):
@@ -246,3 +249,63 @@ def test_download_verifies_unpacks_and_then_reuses_the_zip(tmp_path, shared_data
     official = run(DOWNLOAD, "ml-100k", target, tmp_path=tmp_path)
     assert_one_line_error(official)
     assert (target / "ml-100k.zip").is_file()
+
+
+# --- every script's flags ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("ncf.py", ["--data", "cache", "--epoch", "1"]),  # --epochs
+        ("inference.py", ["--num_batch", "20"]),  # --num_batches
+        ("synthetic.py", ["--output", "x.csv", "--cluster", "4"]),  # --clusters
+        ("benchmarks/convert_bench.py", ["--repeated", "0.5"]),  # --repeated_share
+        ("benchmarks/train_bench.py", ["--epoch", "1"]),  # --epochs
+        ("benchmarks/accuracy.py", ["--dataset", "ml-100k"]),  # --datasets
+        ("benchmarks/full_ranking_bench.py", ["--repeat", "2"]),  # --repeats
+        ("benchmarks/baselines.py", ["--data", "cache", "--method", "ials"]),  # --methods
+        ("plot.py", ["x.json", "--output", "figures", "--study_nam", "s"]),  # --study_name
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_an_abbreviated_flag_is_an_error(script, args, tmp_path):
+    # argparse would otherwise take a unique prefix for the whole flag (--min_rating for --min_ratings)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(f"error: unrecognized arguments: {' '.join(args[-2:])}")
+
+
+# --- quickstart.sh ----------------------------------------------------------------------------
+
+
+def test_quickstart_ends_with_the_recommendations_of_two_users(tmp_path):
+    # the environment counts as installed: setup_env.sh finds its stamp and installs nothing
+    requirements = (ROOT / "requirements.txt").read_bytes()
+    environment = tmp_path / "env"
+    environment.mkdir()
+    (environment / ".ncf-requirements").write_text(f"torch {hashlib.md5(requirements).hexdigest()}  -\n")
+    result = subprocess.run(
+        ["bash", str(ROOT / "quickstart.sh"), "-e", "1", "-b", "1024", "-f", "8", "--layers", "16", "8"],
+        env=script_env(
+            tmp_path, VIRTUAL_ENV=str(environment), TORCH_SPEC="torch", OMP_NUM_THREADS="1",
+            SYNTHETIC_ARGS="--users 80 --items 300 --ratings 4000",
+        ),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    data_root = tmp_path / "data_root"
+    assert metadata(data_root / "cache" / "synthetic")["n_users"] == 80  # the smaller synthetic set
+    assert (data_root / "checkpoints" / "synthetic" / "model.pth").is_file()
+    output = result.stdout
+    assert "epoch 0: HR@10" in output
+    table = output[output.index("== 3/3") :].splitlines()[1:]
+    assert table[0].split() == ["user_id", "rank", "item_id", "score"]
+    rows = [line.split() for line in table[1:]]
+    # the first two users of the file (synthetic user ids start at 1), ten items each, ranked
+    assert [(row[0], row[1]) for row in rows] == [(user, str(rank)) for user in ("1", "2") for rank in range(1, 11)]
+    for user in ("1", "2"):
+        scores = [float(row[3]) for row in rows if row[0] == user]
+        assert scores == sorted(scores, reverse=True) and all(0 < score < 1 for score in scores)
