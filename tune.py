@@ -409,7 +409,7 @@ def report_best(study, args):
 
 def main():
     args = parse_args()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours (Ctrl-C included)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     data = ncf.load_cache(args.data)
     if data.valid is None:

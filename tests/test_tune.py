@@ -20,6 +20,7 @@ from utils import run_main
 ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 # Trials of about 0.3 s an epoch on the tiny cache: long enough to be caught running.
+RUNNING = optuna.trial.TrialState.RUNNING
 SLOW_TRIALS = ["--model", "gmf", "--fix", "batch_size=256", "negative_samples=10", "--pruner", "none"]
 
 
@@ -39,6 +40,20 @@ def load(storage, name):
 def trial_lines(stdout):
     """{trial number: its progress line}."""
     return {int(line.split()[1].rstrip(":")): line for line in stdout.splitlines() if line.startswith("trial ")}
+
+
+def wait_for(storage, name, condition):
+    """Poll the study until condition(its trials) holds, as another process runs it."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.2)
+        try:
+            trials = load(storage, name).trials
+        except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # not made yet, or being made
+            continue
+        if trials and condition(trials):
+            return
+    raise AssertionError(f"study {name} never got there")
 
 
 def test_best_command_reproduces_and_a_rerun_adds_trials(tiny_validation_cache, tmp_path):
@@ -75,19 +90,11 @@ def test_a_killed_study_continues_and_reruns_the_killed_trial(tiny_validation_ca
     flags = [*SLOW_TRIALS, "--epochs", 15, "--trials", 2, "--heartbeat", 1, "--output", tmp_path / "best.json"]
     process = subprocess.Popen(tune_command(tiny_validation_cache, storage, "k", *flags), cwd=ROOT, env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline:  # until the first trial is between two epochs
-        time.sleep(0.2)
-        try:
-            trials = load(storage, "k").trials
-        except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # not made yet, or being made
-            continue
-        if trials and trials[0].state == optuna.trial.TrialState.RUNNING and trials[0].intermediate_values:
-            break
+    wait_for(storage, "k", lambda trials: trials[0].state == RUNNING and trials[0].intermediate_values)
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed = load(storage, "k").trials[0]
-    assert killed.state == optuna.trial.TrialState.RUNNING and len(killed.intermediate_values) < 15
+    assert killed.state == RUNNING and len(killed.intermediate_values) < 15
 
     rerun = run_tune(tiny_validation_cache, storage, "k", *flags)
     assert rerun.returncode == 0, rerun.stderr
@@ -96,6 +103,19 @@ def test_a_killed_study_continues_and_reruns_the_killed_trial(tiny_validation_ca
     finished = [trial for trial in trials if trial.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 2 and finished[0].params == killed.params  # run again, then one more
     assert finished[0].system_attrs["failed_trial"] == 0
+
+
+def test_ctrl_c_reports_the_best_trial_so_far(tiny_validation_cache, tmp_path):
+    storage, best_json = tmp_path / "study.db", tmp_path / "best.json"
+    flags = [*SLOW_TRIALS, "--epochs", 15, "--trials", 3, "--output", best_json]
+    process = subprocess.Popen(tune_command(tiny_validation_cache, storage, "i", *flags), cwd=ROOT, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_for(storage, "i", lambda trials: len(trials) > 1 and trials[1].intermediate_values)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert "best: trial 0" in out and json.loads(best_json.read_text())["trial"] == 0
+    assert load(storage, "i").trials[1].state == optuna.trial.TrialState.FAIL  # interrupted: not counted
 
 
 def test_two_processes_share_one_study(tiny_validation_cache, tmp_path):
