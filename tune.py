@@ -331,12 +331,15 @@ def open_study(args, description):
         raise CliError(f"--storage must be a database URL, e.g. sqlite:///study.db, got {args.storage!r}")
     try:
         storage = make_storage(args, url)
+        # from the second epoch on (the first says little), once three complete trials give a median
         pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
         study = optuna.create_study(
             storage=storage,
             study_name=args.study_name,
             direction="maximize",
             load_if_exists=True,
+            # the constant liar counts other processes' running trials as bad: they do not all sample one point
+            sampler=optuna.samplers.TPESampler(constant_liar=True),
             pruner=pruner if args.pruner == "median" else optuna.pruners.NopPruner(),
         )
         stored = study.user_attrs
