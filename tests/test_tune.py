@@ -3,6 +3,7 @@ a database between processes, prune, and refuse bad input in one line."""
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,8 +20,8 @@ from utils import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
-# Trials of about 0.3 s an epoch on the tiny cache: long enough to be caught running.
 RUNNING = optuna.trial.TrialState.RUNNING
+# Trials of about 0.3 s an epoch on the tiny cache: long enough to be caught running.
 SLOW_TRIALS = ["--model", "gmf", "--fix", "batch_size=256", "negative_samples=10", "--pruner", "none"]
 
 
@@ -69,10 +70,10 @@ def test_best_command_reproduces_and_a_rerun_adds_trials(tiny_validation_cache, 
     assert best["command"] in first.stdout
 
     # the printed command, run as is (plus where to write), gives the trial's validation HR
-    command = best["command"].split()[1:] + ["--checkpoint_dir", tmp_path / "run", "--log_path", tmp_path / "log.json"]
+    command = shlex.split(best["command"])[1:] + ["--checkpoint_dir", tmp_path / "run", "--log_path", tmp_path / "l"]
     run = subprocess.run([sys.executable, *map(str, command)], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    records = [json.loads(line[5:]) for line in (tmp_path / "log.json").read_text().splitlines()]
+    records = [json.loads(line[5:]) for line in (tmp_path / "l").read_text().splitlines()]
     summary = next(r["data"] for r in records if r["step"] == [] and "best_val_accuracy" in r["data"])
     assert summary["best_val_accuracy"] == best["val_hr@10"]
     assert summary["best_epoch"] == best["epoch"]
