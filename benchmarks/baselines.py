@@ -48,7 +48,7 @@ GRIDS = {
         {"factors": 64, "learning_rate": 0.01, "regularization": regularization, "iterations": 100}
         for regularization in (0.001, 0.01)
     ],
-    "ease": [{"l2": l2} for l2 in (100.0, 300.0, 1000.0, 3000.0)],
+    "ease": [{"l2": l2} for l2 in (30.0, 100.0, 300.0, 1000.0, 3000.0)],
 }
 
 
@@ -190,7 +190,10 @@ def main():
     elapsed, cpu_seconds = time.time() - start, time.process_time() - cpu_start
     print(f"\nin all, with loading the cache and making the evaluators: {elapsed:.1f} s, {cpu_seconds:.1f} CPU s")
     if args.json is not None:
-        write_json(args.json, results)
+        try:
+            write_json(args.json, results)
+        except OSError as error:
+            raise CliError(f"cannot write {args.json}: {error.strerror}") from None
 
 
 if __name__ == "__main__":
