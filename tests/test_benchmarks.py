@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,3 +106,60 @@ def test_accuracy_bench_reports_each_model_over_seeds(shared_data, tmp_path):
             assert len(refit_epochs) == r["epoch"] + 1 and refit_epochs[-1]["hr@10"] == r["refit_hr@10"]
     assert (tmp_path / "checkpoints" / "ml-100k-neumf-pre-seed2" / "model.pth").exists()
     assert "--pretrained_gmf" in (tmp_path / "logs" / "ml-100k-full-neumf-pre-seed2.json").read_text()
+
+
+def test_stability_reports_the_spread_over_seeds(tiny_validation_cache, tmp_path):
+    result = run(
+        "benchmarks/stability.py", "--data", tiny_validation_cache, "--seeds", 2, "--workdir", tmp_path,
+        "--json", tmp_path / "s.json", "--", "--model", "gmf", "-e", 3, "-b", 512,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    header, rows = table(result.stdout)
+    assert header == ["metric", "mean", "std", "min", "max"]
+    figures = json.loads((tmp_path / "s.json").read_text())
+    assert [r["seed"] for r in figures["runs"]] == [1, 2]
+    for r in figures["runs"]:  # the validation-selected epoch of each run's own log
+        log = (tmp_path / "logs" / f"seed{r['seed']}.json").read_text()
+        records = [json.loads(line[5:]) for line in log.splitlines()]
+        epochs = [rec["data"] for rec in records if isinstance(rec["step"], list) and len(rec["step"]) == 1]
+        best = max(range(len(epochs)), key=lambda e: (epochs[e]["val_hr@10"], -e))
+        assert (r["epoch"], r["val_hr@10"], r["hr@10"]) == (best, epochs[best]["val_hr@10"], epochs[best]["hr@10"])
+    for row, key in zip(rows, ("val_hr@10", "hr@10", "epoch"), strict=True):
+        values = [r[key] for r in figures["runs"]]
+        expected = [sum(values) / 2, abs(values[0] - values[1]) / 2**0.5, min(values), max(values)]
+        assert [float(cell) for cell in row[1:]] == pytest.approx(expected, abs=5e-5)
+    assert (tmp_path / "best_hr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seeds", 1], "--seeds must be at least 2"),
+        (["--", "--seed", 3], "--seed is set by stability.py"),
+        (["--", "--epochs", 0], "ncf.py failed with seed 1: ncf.py: error: --epochs must be at least 1"),
+    ],
+)
+def test_stability_refuses_bad_input(tiny_validation_cache, flags, message):
+    result = run("benchmarks/stability.py", "--data", tiny_validation_cache, *flags)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_stability_needs_a_validation_split(tiny_cache):
+    result = run("benchmarks/stability.py", "--data", tiny_cache, "--seeds", 2)
+    assert result.returncode == 2 and "has no validation split" in result.stderr
+
+
+def test_tune_bench_runs_the_same_trials_with_and_without_pruning(tiny_validation_cache, tmp_path):
+    result = run(
+        "benchmarks/tune_bench.py", "--data", tiny_validation_cache, "--trials", 3, "--workdir", tmp_path,
+        "--json", tmp_path / "t.json", "--", "--model", "gmf", "--epochs", 2,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    header, rows = table(result.stdout)
+    assert header[:4] == ["pruner", "trials", "pruned", "epochs trained"]
+    assert [row[0] for row in rows] == ["none", "median"]
+    figures = json.loads((tmp_path / "t.json").read_text())
+    assert figures["none"]["epochs"] == 6 and figures["none"]["pruned"] == 0
+    assert all(0 < figures[p]["overhead"] < 1 and figures[p]["trials"] == 3 for p in ("none", "median"))
+    studies = [optuna.load_study(study_name=p, storage=f"sqlite:///{tmp_path / p}.db") for p in ("none", "median")]
+    assert [t.params for t in studies[0].trials] == [t.params for t in studies[1].trials]  # the same trials
