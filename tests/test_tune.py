@@ -15,8 +15,10 @@ import optuna
 import pytest
 import sqlalchemy
 
+import ncf
 import tune
-from utils import run_main
+from neumf import NeuMF
+from utils import atomic_save, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -211,3 +213,22 @@ def test_refuses_a_study_of_another_search_or_dataset(tiny_validation_cache, tmp
     assert code == 2 and "search_space factors: 8..128 (log) there, fixed 16 here" in err
     code, err = run_in_process(monkeypatch, capsys, "--data", tiny_validation_cache, *base, "--epochs", 2)
     assert code == 2 and "settings epochs: 1 there, 2 here" in err
+
+
+def test_pretrained_neumf_searches_the_fine_tuning(tiny_validation_cache, tmp_path, monkeypatch, capsys):
+    data = ncf.load_cache(tiny_validation_cache)
+    branches = {"gmf": NeuMF(data.n_users, data.n_items, 16, [32, 16], kind="gmf"),
+                "mlp": NeuMF(data.n_users, data.n_items, 16, [32, 16], kind="mlp")}  # fmt: skip
+    for kind, model in branches.items():
+        atomic_save(model.state_dict(), tmp_path / f"{kind}.pth")
+    flags = ["--data", tiny_validation_cache, "--trials", 2, "--epochs", 1, "--study_name", "p", "--storage",
+             f"sqlite:///{tmp_path}/s.db", "--output", tmp_path / "best.json"]  # fmt: skip
+    swapped = ["--pretrained_gmf", tmp_path / "mlp.pth", "--pretrained_mlp", tmp_path / "gmf.pth"]
+    code, err = run_in_process(monkeypatch, capsys, *flags, *swapped)
+    assert code == 2 and "holds a MLP model, not a GMF" in err
+    pretrained = ["--pretrained_gmf", tmp_path / "gmf.pth", "--pretrained_mlp", tmp_path / "mlp.pth"]
+    assert run_in_process(monkeypatch, capsys, *flags, *pretrained)[0] == 0
+    space = load(tmp_path / "s.db", "p").user_attrs["search_space"]
+    assert space["optimizer"] == "one of adam, sgd" and "pretrain_alpha" in space and "factors" not in space
+    command = json.loads((tmp_path / "best.json").read_text())["command"]
+    assert "--factors 16 --layers 32 16" in command and f"--pretrained_gmf {tmp_path / 'gmf.pth'}" in command
