@@ -105,7 +105,10 @@ def test_accuracy_bench_reports_each_model_over_seeds(shared_data, tmp_path):
             refit_epochs = [x["data"] for x in refit if isinstance(x["step"], list) and len(x["step"]) == 1]
             assert len(refit_epochs) == r["epoch"] + 1 and refit_epochs[-1]["hr@10"] == r["refit_hr@10"]
     assert (tmp_path / "checkpoints" / "ml-100k-neumf-pre-seed2" / "model.pth").exists()
-    assert "--pretrained_gmf" in (tmp_path / "logs" / "ml-100k-full-neumf-pre-seed2.json").read_text()
+    refit_pre = (tmp_path / "logs" / "ml-100k-full-neumf-pre-seed2.json").read_text().splitlines()[0]
+    parameters = json.loads(refit_pre[5:])["data"]  # the refit starts from the refit branches' last epoch
+    assert parameters["pretrained_gmf"].endswith("ml-100k-full-gmf-seed2/last.pth")
+    assert parameters["pretrained_mlp"].endswith("ml-100k-full-mlp-seed2/last.pth")
 
 
 def test_stability_reports_the_spread_over_seeds(tiny_validation_cache, tmp_path):
