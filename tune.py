@@ -342,10 +342,10 @@ def open_study(args, description):
             sampler=optuna.samplers.TPESampler(constant_liar=True),
             pruner=pruner if args.pruner == "median" else optuna.pruners.NopPruner(),
         )
-        stored = study.user_attrs
-        if not stored:
-            for key, value in description.items():
-                study.set_user_attr(key, value)
+        stored = study.user_attrs.get("tune")
+        if stored is None:  # one attribute, written at once: a process starting beside this one sees all or none
+            study.set_user_attr("tune", description)
+            return study
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CliError(f"cannot use the storage {args.storage}: {first_line}") from None
@@ -355,7 +355,7 @@ def open_study(args, description):
         for name in sorted(here.keys() | there.keys()):
             if here.get(name) != there.get(name):
                 differences.append(f"{key} {name}: {there.get(name, 'absent')} there, {here.get(name, 'absent')} here")
-    if stored and differences:
+    if differences:
         raise CliError(
             f"study {args.study_name!r} in {args.storage} was made for another search or dataset "
             f"({'; '.join(differences)}); use its settings or another --study_name"
