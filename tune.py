@@ -49,8 +49,12 @@ def parse_args():
     parser.add_argument("-s", "--seed", type=int, default=1, help="ncf.py --seed of every trial")
     parser.add_argument("--objective", choices=["hr", "ndcg"], default="hr", help="validation HR@10 or NDCG@10")
     parser.add_argument("--pruner", choices=["median", "none"], default="median")
-    parser.add_argument("--fix", nargs="+", default=[], metavar="NAME=VALUE", help="take a parameter out of the search")
-    parser.add_argument("--range", nargs="+", default=[], metavar="NAME=LOW:HIGH", help="search a parameter there")
+    parser.add_argument(
+        "--fix", nargs="+", action="extend", default=[], metavar="NAME=VALUE", help="take a parameter out of the search"
+    )
+    parser.add_argument(
+        "--range", nargs="+", action="extend", default=[], metavar="NAME=LOW:HIGH", help="search a parameter there"
+    )
     parser.add_argument(
         "--enqueue", action="append", default=[], metavar="NAME=VALUE,...", help="try these parameters first"
     )
@@ -133,13 +137,16 @@ def split_assignment(text, flag, space):
 
 def narrowed_space(space, fixes, ranges):
     """(searched {name: distribution}, fixed {name: value}) after --fix and --range."""
+    names = [split_assignment(text, "--fix", space)[0] for text in fixes]
+    names += [split_assignment(text, "--range", space)[0] for text in ranges]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise CliError(f"{twice[0]} is given more than once in --fix and --range")
     space, fixed = dict(space), {}
     for text in fixes:
         name, value = split_assignment(text, "--fix", space)
         fixed[name] = parse_value(name, space.pop(name), value, "--fix")
     for text in ranges:
-        if text.partition("=")[0] in fixed:
-            raise CliError(f"{text.partition('=')[0]} is both in --fix and in --range")
         name, bounds = split_assignment(text, "--range", space)
         distribution = space[name]
         if isinstance(distribution, CategoricalDistribution):

@@ -180,6 +180,7 @@ def run_in_process(monkeypatch, capsys, *args):
         (["--enqueue", "lr=0.1"], "--enqueue: unknown parameter 'lr'"),
         (["--fix", "factors=sixteen"], "--fix factors needs an integer"),
         (["--fix", "beta1=1"], "--beta1 must be in [0, 1)"),
+        (["--fix", "factors=8", "--range", "factors=8:16"], "factors is given more than once"),
     ],
 )
 def test_bad_input_is_one_line(tiny_validation_cache, tmp_path, monkeypatch, capsys, flags, message):
