@@ -50,8 +50,12 @@ def parse_args():
     parser.add_argument("-s", "--seed", type=int, default=1, help="ncf.py --seed of every trial")
     parser.add_argument("--objective", choices=["hr", "ndcg"], default="hr", help="validation HR@10 or NDCG@10")
     parser.add_argument("--pruner", choices=["median", "none"], default="median")
-    parser.add_argument("--fix", nargs="+", default=[], metavar="NAME=VALUE", help="take a parameter out of the search")
-    parser.add_argument("--range", nargs="+", default=[], metavar="NAME=LOW:HIGH", help="search a parameter there")
+    parser.add_argument(
+        "--fix", nargs="+", action="extend", default=[], metavar="NAME=VALUE", help="take a parameter out of the search"
+    )
+    parser.add_argument(
+        "--range", nargs="+", action="extend", default=[], metavar="NAME=LOW:HIGH", help="search a parameter there"
+    )
     parser.add_argument(
         "--enqueue", action="append", default=[], metavar="NAME=VALUE,...", help="try these parameters first"
     )
@@ -134,13 +138,16 @@ def split_assignment(text, flag, space):
 
 def narrowed_space(space, fixes, ranges):
     """(searched {name: distribution}, fixed {name: value}) after --fix and --range."""
+    names = [split_assignment(text, "--fix", space)[0] for text in fixes]
+    names += [split_assignment(text, "--range", space)[0] for text in ranges]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise CliError(f"{twice[0]} is given more than once in --fix and --range")
     space, fixed = dict(space), {}
     for text in fixes:
         name, value = split_assignment(text, "--fix", space)
         fixed[name] = parse_value(name, space.pop(name), value, "--fix")
     for text in ranges:
-        if text.partition("=")[0] in fixed:
-            raise CliError(f"{text.partition('=')[0]} is both in --fix and in --range")
         name, bounds = split_assignment(text, "--range", space)
         distribution = space[name]
         if isinstance(distribution, CategoricalDistribution):
@@ -343,10 +350,10 @@ def open_study(args, description):
             sampler=optuna.samplers.TPESampler(constant_liar=True),
             pruner=pruner if args.pruner == "median" else optuna.pruners.NopPruner(),
         )
-        stored = study.user_attrs
-        if not stored:
-            for key, value in description.items():
-                study.set_user_attr(key, value)
+        stored = study.user_attrs.get("tune")
+        if stored is None:  # one attribute, written at once: a process starting beside this one sees all or none
+            study.set_user_attr("tune", description)
+            return study
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CliError(f"cannot use the storage {args.storage}: {first_line}") from None
@@ -356,7 +363,7 @@ def open_study(args, description):
         for name in sorted(here.keys() | there.keys()):
             if here.get(name) != there.get(name):
                 differences.append(f"{key} {name}: {there.get(name, 'absent')} there, {here.get(name, 'absent')} here")
-    if stored and differences:
+    if differences:
         raise CliError(
             f"study {args.study_name!r} in {args.storage} was made for another search or dataset "
             f"({'; '.join(differences)}); use its settings or another --study_name"

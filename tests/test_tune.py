@@ -68,7 +68,8 @@ def test_best_command_reproduces_and_a_rerun_adds_trials(tiny_validation_cache, 
     best = json.loads(best_json.read_text())
     study = load(storage, "s")
     assert best["value"] == best["val_hr@10"] == study.best_value and best["trial"] == study.best_trial.number
-    assert study.user_attrs["dataset"]["n_users"] == 60 and "learning_rate" in study.user_attrs["search_space"]
+    assert study.user_attrs["tune"]["dataset"]["n_users"] == 60
+    assert "learning_rate" in study.user_attrs["tune"]["search_space"]
     assert best["command"] in first.stdout
 
     # the printed command, run as is (plus where to write), gives the trial's validation HR
@@ -179,6 +180,7 @@ def run_in_process(monkeypatch, capsys, *args):
         (["--enqueue", "lr=0.1"], "--enqueue: unknown parameter 'lr'"),
         (["--fix", "factors=sixteen"], "--fix factors needs an integer"),
         (["--fix", "beta1=1"], "--beta1 must be in [0, 1)"),
+        (["--fix", "factors=8", "--range", "factors=8:16"], "factors is given more than once"),
     ],
 )
 def test_bad_input_is_one_line(tiny_validation_cache, tmp_path, monkeypatch, capsys, flags, message):
@@ -228,7 +230,7 @@ def test_pretrained_neumf_searches_the_fine_tuning(tiny_validation_cache, tmp_pa
     assert code == 2 and "holds a MLP model, not a GMF" in err
     pretrained = ["--pretrained_gmf", tmp_path / "gmf.pth", "--pretrained_mlp", tmp_path / "mlp.pth"]
     assert run_in_process(monkeypatch, capsys, *flags, *pretrained)[0] == 0
-    space = load(tmp_path / "s.db", "p").user_attrs["search_space"]
+    space = load(tmp_path / "s.db", "p").user_attrs["tune"]["search_space"]
     assert space["optimizer"] == "one of adam, sgd" and "pretrain_alpha" in space and "factors" not in space
     command = json.loads((tmp_path / "best.json").read_text())["command"]
     assert "--factors 16 --layers 32 16" in command and f"--pretrained_gmf {tmp_path / 'gmf.pth'}" in command
