@@ -105,8 +105,9 @@ def test_a_killed_study_continues_and_reruns_the_killed_trial(tiny_validation_ca
     trials = load(storage, "k").trials
     assert trials[0].state == optuna.trial.TrialState.FAIL  # failed by its missing heartbeat
     finished = [trial for trial in trials if trial.state == optuna.trial.TrialState.COMPLETE]
-    assert len(finished) == 2 and finished[0].params == killed.params  # run again, then one more
-    assert finished[0].system_attrs["failed_trial"] == 0
+    # the rerun may start a new trial before the killed one's heartbeat is stale (2 s): order is not fixed
+    retried = [trial for trial in finished if trial.system_attrs.get("failed_trial") == 0]
+    assert len(finished) == 2 and len(retried) == 1 and retried[0].params == killed.params
 
 
 def test_ctrl_c_reports_the_best_trial_so_far(tiny_validation_cache, tmp_path):
