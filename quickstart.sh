@@ -2,7 +2,7 @@
 # The whole path in one command, data -> model -> recommendations: prepare a dataset (default: the
 # embedded synthetic one, no download), train + evaluate NeuMF on it, then print the top-10
 # recommendations of two of its users. Installs what it needs into ./.venv when no environment is active.
-#   ./quickstart.sh                                   # synthetic ML-1m-shaped data, about 2 minutes on 2 CPU cores
+#   ./quickstart.sh                                   # synthetic ML-1m-shaped data, about 1 minute on 2 CPU cores
 #   DATASET=ml-1m ./quickstart.sh -e 20               # any prepare_dataset.sh name; extra flags go to ncf.py
 #   SYNTHETIC_ARGS="--users 200 --ratings 20000" ./quickstart.sh   # a smaller synthetic set (CI)
 set -euo pipefail
@@ -24,7 +24,10 @@ if grep -qw -e avx512_bf16 -e amx_bf16 /proc/cpuinfo 2> /dev/null \
     precision=(--amp); kind="mixed precision"
 fi
 echo "== 2/3 training NeuMF ($kind)"
-python ncf.py --data "$cache" --epochs 3 --batch_size 16384 ${precision[@]+"${precision[@]}"} \
+# a narrower MLP than the reference's (128-64-32: 4x the samples per second on a CPU) and 2 negatives per
+# positive learn the synthetic set in fewer seconds: HR@10 0.60 after 4-5 epochs (README "Quick start")
+python ncf.py --data "$cache" --epochs 6 --batch_size 16384 --negative_samples 2 --layers 128 64 32 \
+    ${precision[@]+"${precision[@]}"} \
     --checkpoint_dir "$checkpoints" --log_path "$checkpoints/log.json" "$@"
 
 mapfile -t users < <(sed -n '2,3p' "$cache/user_ids.csv")  # the first two users of the file
