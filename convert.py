@@ -581,25 +581,29 @@ def earliest_of_each_pair(rows, times, pair_bounds):
     timestamps, a list of chunks; pair_bounds: where each pair's rows start in rows, then len(rows).
     """
     times = np.concatenate(times)
+    row_bits = bits(len(rows) - 1)
+    if times.dtype.kind == "i" and bits(int(times.max()) - int(times.min())) + row_bits <= PACKED_BITS:
+        order, low = times, int(times.min())
+    else:  # float timestamps, or too far apart to fit beside the row numbers: their ranks
+        order, low = np.unique(times, return_inverse=True)[1].reshape(-1), 0
     n_pairs = len(pair_bounds) - 1
     earliest_row = np.empty(n_pairs, np.int64)
-    earliest_time = np.empty(n_pairs, times.dtype)
     # chunks of whole pairs, so that the temporaries stay small
     bounds = np.unique(np.r_[np.searchsorted(pair_bounds[:-1], np.arange(0, len(rows), CHUNK_ROWS)), n_pairs])
 
     def find(first, last):
-        for low, high in zip(bounds[first:last], bounds[first + 1 : last + 1], strict=True):
-            start, end = pair_bounds[low], pair_bounds[high]
-            chunk_times = times[rows[start:end]]
-            starts = pair_bounds[low:high] - start
-            earliest = np.minimum.reduceat(chunk_times, starts)
-            at_earliest = chunk_times == np.repeat(earliest, np.diff(pair_bounds[low : high + 1]))
-            first_at_earliest = np.minimum.reduceat(np.where(at_earliest, np.arange(end - start), end - start), starts)
-            earliest_row[low:high] = rows[start + first_at_earliest]
-            earliest_time[low:high] = earliest
+        for low_pair, high_pair in zip(bounds[first:last], bounds[first + 1 : last + 1], strict=True):
+            start, end = pair_bounds[low_pair], pair_bounds[high_pair]
+            # time << row_bits | row: one minimum per pair finds the earliest time and, of its rows, the first
+            packed = order[rows[start:end]].astype(np.int64)
+            packed -= low
+            packed <<= row_bits
+            packed |= rows[start:end]
+            earliest = np.minimum.reduceat(packed, pair_bounds[low_pair:high_pair] - start)
+            earliest_row[low_pair:high_pair] = earliest & ((1 << row_bits) - 1)
 
     in_parallel(find, len(bounds) - 1)
-    return earliest_row, earliest_time
+    return earliest_row, times[earliest_row]
 
 
 def latest_pairs(pairs, rows, times, item_bits):
