@@ -59,6 +59,11 @@ def wait_for(storage, name, condition):
     raise AssertionError(f"study {name} never got there")
 
 
+def reporting(trial):
+    """Whether the trial runs and has reported an epoch."""
+    return trial.state == RUNNING and trial.intermediate_values
+
+
 def test_best_command_reproduces_and_a_rerun_adds_trials(tiny_validation_cache, tmp_path):
     storage, best_json = tmp_path / "study.db", tmp_path / "best.json"
     flags = ["--model", "neumf", "--epochs", 2, "--trials", 3, "--output", best_json]
@@ -95,7 +100,7 @@ def test_a_killed_study_continues_and_reruns_the_killed_trial(tiny_validation_ca
     process = subprocess.Popen(tune_command(tiny_validation_cache, storage, "k", *flags), cwd=ROOT, env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     # the first trial, or the second when the first finished before a slow poll saw it running
-    wait_for(storage, "k", lambda trials: trials[-1].state == RUNNING and trials[-1].intermediate_values)
+    wait_for(storage, "k", lambda trials: reporting(trials[-1]))
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed = load(storage, "k").trials[-1]
@@ -117,7 +122,7 @@ def test_ctrl_c_reports_the_best_trial_so_far(tiny_validation_cache, tmp_path):
     flags = [*SLOW_TRIALS, "--epochs", 15, "--trials", 50, "--output", best_json]
     process = subprocess.Popen(tune_command(tiny_validation_cache, storage, "i", *flags), cwd=ROOT, env=ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    wait_for(storage, "i", lambda trials: len(trials) > 1 and trials[-1].intermediate_values)
+    wait_for(storage, "i", lambda trials: len(trials) > 1 and reporting(trials[-1]))
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in err
