@@ -120,8 +120,11 @@ def test_ctrl_c_reports_the_best_trial_so_far(tiny_validation_cache, tmp_path):
     storage, best_json = tmp_path / "study.db", tmp_path / "best.json"
     # more trials than can finish before the signal, however slowly the study is polled
     flags = [*SLOW_TRIALS, "--epochs", 15, "--trials", 50, "--output", best_json]
+    # Ctrl-C as in a terminal, also when this test runs as a background job (which ignores SIGINT, and
+    # so would the child: Python installs its KeyboardInterrupt handler only over the default)
     process = subprocess.Popen(tune_command(tiny_validation_cache, storage, "i", *flags), cwd=ROOT, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     wait_for(storage, "i", lambda trials: len(trials) > 1 and reporting(trials[-1]))
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
