@@ -187,6 +187,16 @@ def broadcast_int(value, device):
 # --- logging ----------------------------------------------------------------------------------
 
 
+def read_log(path):
+    """The records of a log in DLLogger's JSON-lines format (JsonLineLogger's, or dllogger's)."""
+    return [json.loads(line.removeprefix("DLLL ")) for line in Path(path).read_text().splitlines()]
+
+
+def run_summary(records):
+    """The summary ncf.py logs when a training run ends (best_accuracy, best_epoch, ...)."""
+    return next(r["data"] for r in records if r["step"] == [] and "best_accuracy" in r["data"])
+
+
 class JsonLineLogger:
     """Writes DLLogger's JSON-lines format (`DLLL {...}`) without needing the dllogger package."""
 

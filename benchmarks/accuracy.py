@@ -18,7 +18,6 @@ selection does not include them).
 """
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils import write_json  # noqa: E402
+from utils import read_log, run_summary, write_json  # noqa: E402
 
 DATASETS = {  # name: (file under shared/data, name convert.py expects, format)
     "ml-1m": ("ml-1m/ratings.PARTIAL-users-1-2999.dat", "ratings.dat", "ml-1m"),
@@ -116,10 +115,10 @@ def ncf_run(cache, model, seed, flags, workdir):
             command += ["--pretrained_gmf", branches[0] / checkpoint, "--pretrained_mlp", branches[1] / checkpoint]
         command += ["--checkpoint_dir", checkpoints, "--log_path", log]
         subprocess.run([str(c) for c in command], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    records = [json.loads(line[5:]) for line in log.read_text().splitlines()]
+    records = read_log(log)
     epochs = [r["data"] for r in records if isinstance(r["step"], list) and len(r["step"]) == 1]
-    final = next(r["data"] for r in records if r["step"] == [] and "best_accuracy" in r["data"])
-    return epochs, final, float(records[-1]["elapsedtime"])  # the run's wall time, from the log's own clock
+    seconds = float(records[-1]["elapsedtime"])  # the run's wall time, from the log's own clock
+    return epochs, run_summary(records), seconds
 
 
 def run(caches, model, seed, max_epochs, workdir):

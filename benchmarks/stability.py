@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import plot  # noqa: E402
-from utils import CliError, run_main, write_json  # noqa: E402
+from utils import CliError, read_log, run_main, run_summary, write_json  # noqa: E402
 
 OWN_FLAGS = ("--data", "--seed", "-s", "--log_path", "--checkpoint_dir", "--mode", "--resume")
 METRICS = {  # key in the results: what the table calls it
@@ -77,8 +77,7 @@ def run(args, seed, workdir):
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
         raise CliError(f"ncf.py failed with seed {seed}: {lines[-1] if lines else f'exit {result.returncode}'}")
-    records = [json.loads(line[5:]) for line in log.read_text().splitlines()]
-    final = next(r["data"] for r in records if r["step"] == [] and "best_accuracy" in r["data"])
+    final = run_summary(read_log(log))
     figures = {"val_hr@10": final["best_val_accuracy"], "hr@10": final["best_accuracy"], "epoch": final["best_epoch"]}
     return figures | {"seed": seed, "seconds": time.time() - start}, log
 
