@@ -29,6 +29,7 @@ import ncf
 from utils import CliError, JsonLineLogger, load_state_dict_file, model_config, run_main, write_json
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+OBJECTIVES = {"hr": "val_hr@10", "ndcg": "val_ndcg@10"}  # --objective: the trial's figure it maximizes
 POLL_SECONDS = 2  # how often a process whose share is done looks whether the others' trials ended
 
 
@@ -48,7 +49,7 @@ def parse_args():
     parser.add_argument("--patience", type=int, help="ncf.py --patience of every trial")
     parser.add_argument("--amp", action="store_true", help="ncf.py --amp in every trial")
     parser.add_argument("-s", "--seed", type=int, default=1, help="ncf.py --seed of every trial")
-    parser.add_argument("--objective", choices=["hr", "ndcg"], default="hr", help="validation HR@10 or NDCG@10")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="hr", help="validation HR@10 or NDCG@10")
     parser.add_argument("--pruner", choices=["median", "none"], default="median")
     parser.add_argument(
         "--fix", nargs="+", action="extend", default=[], metavar="NAME=VALUE", help="take a parameter out of the search"
@@ -221,7 +222,7 @@ def suggest(trial, name, distribution):
 
 def make_objective(args, data, space, fixed, settings, device):
     evaluators = ncf.make_evaluators(ncf.parse_args(["--data", args.data]), data, 0, 1, device)
-    metric = "val_hr@10" if args.objective == "hr" else "val_ndcg@10"
+    metric = OBJECTIVES[args.objective]
 
     def objective(trial):
         values = dict(fixed)
@@ -255,10 +256,10 @@ def make_objective(args, data, space, fixed, settings, device):
                 raise optuna.TrialPruned(str(error)) from None
             finally:
                 trial.set_user_attr("training_seconds", time.time() - start - bookkeeping)
-        trial.set_user_attr("val_hr@10", best["val_hr"])
-        trial.set_user_attr("val_ndcg@10", best["val_ndcg"])
-        trial.set_user_attr("epoch", best["epoch"])
-        return best["val_hr"] if args.objective == "hr" else best["val_ndcg"]
+        figures = {"val_hr@10": best["val_hr"], "val_ndcg@10": best["val_ndcg"], "epoch": best["epoch"]}
+        for name, value in figures.items():
+            trial.set_user_attr(name, value)
+        return figures[metric]
 
     return objective
 
@@ -395,7 +396,7 @@ def report_best(study, args):
         return
     best = study.best_trial
     command = shlex.join(["python", "ncf.py", "--data", args.data, *best.user_attrs["ncf_flags"]])
-    objective = "val_hr@10" if args.objective == "hr" else "val_ndcg@10"
+    objective = OBJECTIVES[args.objective]
     print(
         f"best: trial {best.number}, validation HR@10 {best.user_attrs['val_hr@10']:.4f} "
         f"NDCG@10 {best.user_attrs['val_ndcg@10']:.4f} at epoch {best.user_attrs['epoch']}\n{command}"

@@ -94,6 +94,17 @@ def test_best_command_reproduces_and_a_rerun_adds_trials(tiny_validation_cache, 
     assert {trial.number: trial.value for trial in study.trials[:3]} == values and len(study.trials) == 4
 
 
+def test_objective_ndcg_maximizes_validation_ndcg(tiny_validation_cache, tmp_path):
+    storage, best_json = tmp_path / "study.db", tmp_path / "best.json"
+    flags = ["--model", "gmf", "--epochs", 2, "--trials", 3, "--objective", "ndcg", "--output", best_json]
+    result = run_tune(tiny_validation_cache, storage, "n", *flags)
+    assert result.returncode == 0, result.stderr
+    trials = load(storage, "n").trials
+    assert [trial.value for trial in trials] == [trial.user_attrs["val_ndcg@10"] for trial in trials]
+    best = json.loads(best_json.read_text())
+    assert best["objective"] == "val_ndcg@10" and best["value"] == max(trial.value for trial in trials)
+
+
 def test_a_killed_study_continues_and_reruns_the_killed_trial(tiny_validation_cache, tmp_path):
     storage = tmp_path / "study.db"
     flags = [*SLOW_TRIALS, "--epochs", 15, "--trials", 2, "--heartbeat", 1, "--output", tmp_path / "best.json"]
