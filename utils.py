@@ -8,6 +8,7 @@ import datetime
 import gc
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -40,10 +41,62 @@ def run_main(main):
 
 
 def write_json(path, data):
-    """Write data as indented JSON, making the parent directory first (the benchmarks' --json)."""
+    """Write data as indented JSON, atomically, making the parent directory first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def provenance():
+    """What a measurement needs beside its figures to be reproduced: command, date, machine, versions."""
+    import platform
+    import subprocess
+
+    import numpy
+    import torch
+
+    root = Path(__file__).resolve().parent
+    commit = subprocess.run(
+        ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True, text=True
+    ).stdout.strip()
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    script = Path(sys.argv[0]).resolve()
+    script = script.relative_to(root).as_posix() if script.is_relative_to(root) else sys.argv[0]
+    return {
+        "command": shlex.join(["python", script, *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "machine": {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "numpy": numpy.__version__,
+            "commit": commit or None,
+        },
+    }
+
+
+def _read_lines(path):
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def write_results(path, results):
+    """A benchmark's --json: its results beside their provenance, for docs/results.md (render_results.py)."""
+    write_json(path, {"provenance": provenance(), "results": results})
 
 
 def atomic_save(obj, path):

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils import read_log, run_summary, write_json  # noqa: E402
+from utils import read_log, run_summary, write_results  # noqa: E402
 
 DATASETS = {  # name: (file under shared/data, name convert.py expects, format)
     "ml-1m": ("ml-1m/ratings.PARTIAL-users-1-2999.dat", "ratings.dat", "ml-1m"),
@@ -178,7 +178,7 @@ def main():
                     f"validation{how}; ± {hr_std:.4f} / {ndcg_std:.4f})"
                 )
     if args.json is not None:
-        write_json(args.json, results)
+        write_results(args.json, results)
 
 
 if __name__ == "__main__":

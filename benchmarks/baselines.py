@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataloading import FullRanking, load_cache, make_evaluator, metrics_from_histogram, rank_histogram  # noqa: E402
-from utils import CliError, run_main, write_json  # noqa: E402
+from utils import CliError, run_main, write_results  # noqa: E402
 
 TOPK = 10
 PROTOCOLS = ("reference", "exact", "full")
@@ -200,7 +200,7 @@ def main():
     print(f"\nin all, with loading the cache and making the evaluators: {elapsed:.1f} s, {cpu_seconds:.1f} CPU s")
     if args.json is not None:
         try:
-            write_json(args.json, results)
+            write_results(args.json, results)
         except OSError as error:
             raise CliError(f"cannot write {args.json}: {error.strerror}") from None
 

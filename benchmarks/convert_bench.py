@@ -42,7 +42,7 @@ import pyarrow.csv as pacsv
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils import write_json  # noqa: E402
+from utils import write_results  # noqa: E402
 
 BARS = {"convert_s": 60.0, "convert_peak_rss_gb": 6.0, "ratio": 2.5, "ratio_to_call": 2.5}
 REPEATS_BAR = 1.5  # convert.py on the file with repeats, over the file without
@@ -271,7 +271,7 @@ def main():
         shutil.rmtree(workdir, ignore_errors=True)
     print_table(figures)
     if args.json is not None:
-        write_json(args.json, figures)
+        write_results(args.json, figures)
     if args.strict and not all(figures["meets_bars"].values()):
         sys.exit(1)
 

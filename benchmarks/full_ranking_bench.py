@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import ncf  # noqa: E402
 from dataloading import load_cache, make_evaluator  # noqa: E402
 from neumf import NeuMF  # noqa: E402
-from utils import load_model_weights, write_json  # noqa: E402
+from utils import load_model_weights, write_results  # noqa: E402
 
 DEFAULT_RATINGS = ROOT.parent / "shared" / "data" / "ml-1m" / "ratings.PARTIAL-users-1-2999.dat"
 BAR_SECONDS = 5.0
@@ -156,7 +156,7 @@ def main():
             f"batch {best['batch']}): {verdict} the {BAR_SECONDS:.0f} s bar; load average now {os.getloadavg()[0]:.1f}"
         )
     if args.json is not None:
-        write_json(args.json, rows)
+        write_results(args.json, rows)
 
 
 if __name__ == "__main__":

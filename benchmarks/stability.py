@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import plot  # noqa: E402
-from utils import CliError, read_log, run_main, run_summary, write_json  # noqa: E402
+from utils import CliError, read_log, run_main, run_summary, write_results  # noqa: E402
 
 OWN_FLAGS = ("--data", "--seed", "-s", "--log_path", "--checkpoint_dir", "--mode", "--resume")
 METRICS = {  # key in the results: what the table calls it
@@ -115,7 +115,7 @@ def main():
     figure.savefig(workdir / "best_hr.png", dpi=100)
     print(f"\nbox plot: {workdir / 'best_hr.png'}")
     if args.json is not None:
-        write_json(args.json, {"ncf_flags": args.ncf_flags, "runs": runs, "summary": summary})
+        write_results(args.json, {"ncf_flags": args.ncf_flags, "runs": runs, "summary": summary})
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import ncf  # noqa: E402
 from dataloading import EvalCandidates, TrainBatches, load_cache  # noqa: E402
 from neumf import NeuMF  # noqa: E402
-from utils import CliError, Progress, run_main, write_json  # noqa: E402
+from utils import CliError, Progress, run_main, write_results  # noqa: E402
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -178,7 +178,7 @@ def main():
         f"| {'-' if device_memory is None else f'{device_memory:.2f}'} |"
     )
     if args.json is not None:
-        write_json(args.json, result)
+        write_results(args.json, result)
 
 
 if __name__ == "__main__":

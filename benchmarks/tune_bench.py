@@ -24,7 +24,7 @@ import optuna
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils import write_json  # noqa: E402
+from utils import write_results  # noqa: E402
 
 
 def parse_args():
@@ -96,7 +96,7 @@ def main():
             f"({1 - median['cpu_s'] / none['cpu_s']:.0%} of the CPU time) on the same {args.trials} trials"
         )
     if args.json is not None:
-        write_json(args.json, results)
+        write_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def test_ials_beats_popularity_on_latent_taste(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = [line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| ")]
     assert rows == ["method", "popularity", "ials"]
-    results = json.loads((tmp_path / "b.json").read_text())
+    results = json.loads((tmp_path / "b.json").read_text())["results"]
     assert set(results["ials"]) == {
         "hr@10", "ndcg@10", "val_hr@10", "val_ndcg@10", "refit_hr@10", "refit_ndcg@10", "settings", "fit_seconds",
         "seconds", "cpu_seconds",

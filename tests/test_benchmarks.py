@@ -5,12 +5,14 @@ Performance itself is measured by running the benchmarks, never asserted here.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_COLUMNS = [
@@ -45,7 +47,7 @@ def test_train_bench_prints_every_column(tiny_cache, tmp_path, compiled):
     assert header == TRAIN_COLUMNS
     assert len(rows) == 1 and len(rows[0]) == len(TRAIN_COLUMNS)
     assert rows[0][0] == ("fp32 compiled" if compiled else "fp32")
-    figures = json.loads((tmp_path / "r.json").read_text())
+    figures = json.loads((tmp_path / "r.json").read_text())["results"]
     assert figures["compiled"] is compiled
     for key in ("pipeline_samples_per_s", "bare_step_samples_per_s", "eval_samples_per_s", "peak_host_rss_gb"):
         assert figures[key] > 0
@@ -77,7 +79,7 @@ def test_convert_bench_prints_the_comparison(tmp_path):
     rows = ("read_csv (call)", "read_csv (process)", "end to end", "peak RSS", "read_csv process", "read_csv call")
     for row in rows:
         assert row in result.stdout
-    figures = json.loads((tmp_path / "convert.json").read_text())
+    figures = json.loads((tmp_path / "convert.json").read_text())["results"]
     assert figures["ratio"] == pytest.approx(figures["convert_s"] / figures["read_csv_process_s"])
     assert figures["read_csv_s"] < figures["read_csv_process_s"]  # the call is part of the process
     assert figures["cache"]["n_users"] == 943
@@ -92,7 +94,7 @@ def test_accuracy_bench_reports_each_model_over_seeds(shared_data, tmp_path):
     header, rows = table(result.stdout)
     assert header[:4] == ["dataset", "model", "test HR@10", "test NDCG@10"]
     assert [row[1] for row in rows] == ["gmf", "mlp", "neumf-pre"]  # the branches are trained first
-    runs = json.loads((tmp_path / "a.json").read_text())
+    runs = json.loads((tmp_path / "a.json").read_text())["results"]
     for row in rows:
         seeds = runs[f"ml-100k {row[1]}"]
         assert [r["seed"] for r in seeds] == [2] and all(r["epochs"] == 1 for r in seeds)
@@ -119,7 +121,7 @@ def test_stability_reports_the_spread_over_seeds(tiny_validation_cache, tmp_path
     assert result.returncode == 0, result.stderr
     header, rows = table(result.stdout)
     assert header == ["metric", "mean", "std", "min", "max"]
-    figures = json.loads((tmp_path / "s.json").read_text())
+    figures = json.loads((tmp_path / "s.json").read_text())["results"]
     assert [r["seed"] for r in figures["runs"]] == [1, 2]
     for r in figures["runs"]:  # the validation-selected epoch of each run's own log
         log = (tmp_path / "logs" / f"seed{r['seed']}.json").read_text()
@@ -161,8 +163,19 @@ def test_tune_bench_runs_the_same_trials_with_and_without_pruning(tiny_validatio
     header, rows = table(result.stdout)
     assert header[:4] == ["pruner", "trials", "pruned", "epochs trained"]
     assert [row[0] for row in rows] == ["none", "median"]
-    figures = json.loads((tmp_path / "t.json").read_text())
+    figures = json.loads((tmp_path / "t.json").read_text())["results"]
     assert figures["none"]["epochs"] == 6 and figures["none"]["pruned"] == 0
     assert all(0 < figures[p]["overhead"] < 1 and figures[p]["trials"] == 3 for p in ("none", "median"))
     studies = [optuna.load_study(study_name=p, storage=f"sqlite:///{tmp_path / p}.db") for p in ("none", "median")]
     assert [t.params for t in studies[0].trials] == [t.params for t in studies[1].trials]  # the same trials
+
+
+def test_benchmark_json_names_its_command_date_machine_and_versions(tiny_cache, tmp_path):
+    result = run("benchmarks/train_bench.py", "--data", tiny_cache, "--batch_size", 1024, "--json", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    provenance = json.loads((tmp_path / "r.json").read_text())["provenance"]
+    assert provenance["command"].startswith("python benchmarks/train_bench.py --data ")
+    assert provenance["command"].endswith(f"--batch_size 1024 --json {tmp_path / 'r.json'}")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", provenance["date"])
+    assert provenance["machine"]["cores"] == os.cpu_count() and provenance["machine"]["gpus"] == []
+    assert provenance["versions"]["torch"] == torch.__version__
