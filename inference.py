@@ -7,8 +7,9 @@
 
 benchmark: for each batch size, --num_batches scoring passes (sigmoid of the logits) on random
 (user, item) ids; the first WARMUP_BATCHES passes are not counted.
-recommend: score every item for each user, drop the items the user interacted with in training,
-and list the K best in the raw ids of the input data.
+recommend: score every item for each user, drop every item the cache records for the user (its
+training, validation and test items; --include_seen keeps them), and list the K best in the raw ids
+of the input data.
 """
 
 import argparse
@@ -73,7 +74,11 @@ def parse_args():
     rec.add_argument("--users", nargs="+", default=[], help="raw user ids, as in the input ratings file")
     rec.add_argument("--users_file", help="file with one raw user id per line")
     rec.add_argument("-k", "--topk", type=int, default=10, help="items per user (default: %(default)s)")
-    rec.add_argument("--include_seen", action="store_true", help="keep the items the user interacted with in training")
+    rec.add_argument(
+        "--include_seen",
+        action="store_true",
+        help="keep the items the cache records for the user (training, validation and test), left out by default",
+    )
     rec.add_argument(
         "--score_batch_size",
         type=int,
@@ -329,20 +334,35 @@ def check_topk(k, users, seen_counts, n_items, include_seen, user_ids):
         )
 
 
-def seen_items(train, starts, counts, chunk):
-    """(row in chunk, item) of every training interaction of the chunk's users, with no Python loop.
+def known_pairs(data, users):
+    """(user, item) of every interaction the cache records for `users`, each once, sorted by user.
 
-    The cache's training pairs are sorted by user, so user u's items are
-    train[starts[u] : starts[u] + counts[u], 1].
+    Training, validation and test pairs alike: a held-out item is one the user had, not one to
+    recommend. Each once: the NCF paper's files may hold a test pair among the training pairs.
+    """
+    n_items = data.n_items
+    wanted = torch.zeros(data.n_users, dtype=torch.bool)
+    wanted[users] = True
+    pairs = torch.cat(
+        [pairs[wanted[pairs[:, 0]]] for pairs in (data.train, data.test, data.valid) if pairs is not None]
+    )
+    keys = torch.unique(pairs[:, 0] * n_items + pairs[:, 1])  # sorted, so grouped by user
+    return torch.stack([keys // n_items, keys % n_items], dim=1)
+
+
+def seen_items(known, starts, counts, chunk):
+    """(row in chunk, item) of every known pair of the chunk's users, with no Python loop.
+
+    The known pairs are sorted by user, so user u's items are known[starts[u] : starts[u] + counts[u], 1].
     """
     chunk_counts = counts[chunk]
     rows = torch.repeat_interleave(torch.arange(len(chunk)), chunk_counts)
     first_of_row = torch.cumsum(chunk_counts, 0) - chunk_counts
     positions = starts[chunk][rows] + torch.arange(len(rows)) - first_of_row[rows]
-    return rows, train[positions, 1]
+    return rows, known[positions, 1]
 
 
-def top_items(model, users, train, seen_counts, k, include_seen, batch_size, device):
+def top_items(model, users, known, seen_counts, k, include_seen, batch_size, device):
     """Dense item ids [users, k] and their logits, best first, scoring chunks of users x all items.
 
     score_grid gives forward()'s logits, factored so that the item half of the first MLP layer runs
@@ -358,7 +378,7 @@ def top_items(model, users, train, seen_counts, k, include_seen, batch_size, dev
         for chunk in users.split(max(1, batch_size // n_items)):
             logits = model.score_grid(chunk.to(device), all_items)
             if not include_seen:
-                rows, items = seen_items(train, starts, seen_counts, chunk)
+                rows, items = seen_items(known, starts, seen_counts, chunk)
                 logits[rows.to(device), items.to(device)] = -torch.inf
             order = logits.sort(dim=1, descending=True, stable=True).indices[:, :k]
             top.append(order.cpu())
@@ -400,11 +420,12 @@ def recommend(args, device):
     user_ids = read_id_map(args.data, USER_IDS_FILE, data.meta["user_id_type"], n_users)
     item_ids = read_id_map(args.data, ITEM_IDS_FILE, data.meta["item_id_type"], n_items)
     users = dense_user_ids(requested_users(args), user_ids, data.meta["user_id_type"], args.data)
-    seen_counts = torch.bincount(data.train[:, 0], minlength=n_users)
+    known = known_pairs(data, users)
+    seen_counts = torch.bincount(known[:, 0], minlength=n_users)
     check_topk(args.topk, users, seen_counts, n_items, args.include_seen, user_ids)
     model = load_model(args.load_checkpoint_path, device, n_users, n_items)
     top, logits = top_items(
-        model, users, data.train, seen_counts, args.topk, args.include_seen, args.score_batch_size, device
+        model, users, known, seen_counts, args.topk, args.include_seen, args.score_batch_size, device
     )
     scores = torch.sigmoid(logits.double()).numpy()
     user_raw = user_ids.to_numpy()[users.numpy()]

@@ -113,10 +113,12 @@ def recommend_json(cli, tmp_path, cache, model, *args):
 
 
 def seen_dense_items(cache):
-    """{dense user: set of dense items it has in training} from the cache."""
+    """{dense user: set of dense items the cache records for it (training, validation and test)}."""
+    data = load_cache(cache)
     seen = {}
-    for user, item in load_cache(cache).train.tolist():
-        seen.setdefault(user, set()).add(item)
+    for pairs in (data.train, data.test, data.valid):
+        for user, item in [] if pairs is None else pairs.tolist():
+            seen.setdefault(user, set()).add(item)
     return seen
 
 
@@ -225,12 +227,11 @@ def test_raw_ids_round_trip_against_the_input_file(cli, int_data, model_path, tm
     load_model_weights(model, model_path)
     user = int(table.userId.iloc[-1])
     rated = set(table.movieId[table.userId == user])  # training items and the held-out test item
-    k = N_ITEMS - len(rated) + 1
+    k = N_ITEMS - len(rated)
     [result] = recommend_json(cli, tmp_path, cache, model_path, "--users", user, "--topk", k)
     assert result["user_id"] == user
     recommended = [entry["item_id"] for entry in result["items"]]
-    assert set(recommended) <= set(table.movieId)
-    assert len(set(recommended) & rated) == 1  # only the held-out item: it is not a training item
+    assert set(recommended) == set(table.movieId) - rated  # the held-out test item is left out too
     with torch.inference_mode():
         for entry in result["items"]:
             dense_user = torch.tensor([user_ids.index(user)])
@@ -378,3 +379,109 @@ def test_recommend_bad_inputs_are_one_line_errors(cli, int_data, model_path, tmp
         if path.name != ITEM_IDS_FILE:
             (old / path.name).write_bytes(path.read_bytes())
     assert_one_line_error(*recommend("--users", user, data=old), ITEM_IDS_FILE, "convert.py")
+
+
+# --- what a recommendation leaves out ---------------------------------------------------------
+
+
+def write_ncf_paper_files(directory, train, test, negatives):
+    """The NCF paper's three files (NAME.train.rating, .test.rating, .test.negative); returns the first."""
+    directory.mkdir()
+    (directory / "x.train.rating").write_text("".join(f"{u}\t{i}\t5\t{t}\n" for t, (u, i) in enumerate(train)))
+    (directory / "x.test.rating").write_text("".join(f"{u}\t{i}\t4\t{10**9 + u}\n" for u, i in test))
+    lines = ["\t".join([f"({u},{i})", *map(str, row)]) + "\n" for (u, i), row in zip(test, negatives, strict=True)]
+    (directory / "x.test.negative").write_text("".join(lines))
+    return directory / "x.train.rating"
+
+
+@pytest.fixture(scope="module")
+def every_kind_of_cache(tiny_cache, tiny_validation_cache, tmp_path_factory):
+    """{kind: cache} for the caches convert.py makes: plain, --validation, and the NCF paper's files with
+    and without --validation (the plain one with some test pairs among the training pairs, as the paper's)."""
+    data = load_cache(tiny_cache)
+    train, test, negatives = data.train.tolist(), data.test.tolist(), data.test_negatives.tolist()
+    caches = {"plain": tiny_cache, "validation": tiny_validation_cache}
+    for kind, extra_train, args in (("ncf-paper", test[::7], []), ("ncf-paper-validation", [], ["--validation"])):
+        source = write_ncf_paper_files(tmp_path_factory.mktemp(kind) / "paper", train + extra_train, test, negatives)
+        cache = source.parent / "cache"
+        converted = run_script("convert.py", "--path", source, "--output", cache, *args, cwd=source.parent)
+        assert converted.returncode == 0, converted.stderr
+        caches[kind] = cache
+    return caches
+
+
+def oracle_gmf(cache, path):
+    """A GMF whose logit is 1 for every item the cache records for the user and 0 for the others:
+    a model that has learnt them all, so any of them that is not left out comes first."""
+    seen = seen_dense_items(cache)
+    n_users, n_items = (load_cache(cache).meta[key] for key in ("n_users", "n_items"))
+    model = NeuMF(n_users, n_items, n_items, kind="gmf")
+    with torch.no_grad():
+        model.mf_item_embed.weight.copy_(torch.eye(n_items))
+        model.mf_user_embed.weight.zero_()
+        for user, items in seen.items():
+            model.mf_user_embed.weight[user, list(items)] = 1.0
+        model.final.weight.fill_(1.0)
+        model.final.bias.zero_()
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["plain", "validation", "ncf-paper", "ncf-paper-validation"])
+def test_every_item_the_cache_records_is_left_out_unless_include_seen(cli, every_kind_of_cache, tmp_path, kind):
+    """Training, validation and test items: none is recommended back, with as large a --topk as the
+    busiest user allows (the busiest user then gets exactly the items it never had)."""
+    cache = every_kind_of_cache[kind]
+    model = oracle_gmf(cache, tmp_path / "oracle.pth")
+    seen, users, items = seen_dense_items(cache), raw_ids(cache, USER_IDS_FILE), raw_ids(cache, ITEM_IDS_FILE)
+    n_items = len(items)
+    k = n_items - max(len(seen[user]) for user in range(len(users)))
+    results = recommend_json(cli, tmp_path, cache, model, "--users", *users, "--topk", k)
+    code, _, err = cli(
+        "--mode", "recommend", "--data", cache, "--load_checkpoint_path", model, "--users", *users,
+        "--topk", k, "--output", tmp_path / "top.csv",
+    )  # fmt: skip
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "top.csv", dtype={"user_id": str, "item_id": str})
+    for dense, result in enumerate(results):
+        recorded = {items[i] for i in seen[dense]}
+        recommended = [str(entry["item_id"]) for entry in result["items"]]
+        assert len(set(recommended)) == k and not recorded & set(recommended), (kind, dense)
+        if len(seen[dense]) == n_items - k:
+            assert set(recommended) == set(items) - recorded
+        assert table.item_id[table.user_id == users[dense]].tolist() == recommended
+    # the busiest user has no k + 1-th item left
+    busiest = users[max(range(len(users)), key=lambda user: len(seen[user]))]
+    code, _, err = cli(
+        "--mode", "recommend", "--data", cache, "--load_checkpoint_path", model, "--users", busiest, "--topk", k + 1
+    )
+    assert_one_line_error(code, err, f"only {k} items", "--include_seen")
+    # --include_seen: the whole catalogue, the recorded items first (the model scores them highest)
+    included = recommend_json(cli, tmp_path, cache, model, "--users", *users, "--topk", n_items, "--include_seen")
+    for dense, result in enumerate(included):
+        recommended = [str(entry["item_id"]) for entry in result["items"]]
+        assert sorted(recommended) == sorted(items)
+        assert set(recommended[: len(seen[dense])]) == {items[i] for i in seen[dense]}
+
+
+def test_a_trained_model_recommends_none_of_a_users_items(cli, tiny_validation_cache, tmp_path):
+    """End to end: a GMF trained by ncf.py on a --validation cache, asked for every user's top 10."""
+    trained = run_script(
+        "ncf.py", "--data", tiny_validation_cache, "--model", "gmf", "-e", 2, "-b", 512, "-f", 8, "-l", 0.01,
+        "-s", 1, "--checkpoint_dir", tmp_path, "--log_path", tmp_path / "log.json", cwd=tmp_path,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    model = tmp_path / "model.pth"
+    seen, users, items = (
+        seen_dense_items(tiny_validation_cache),
+        raw_ids(tiny_validation_cache, USER_IDS_FILE),
+        raw_ids(tiny_validation_cache, ITEM_IDS_FILE),
+    )
+    recorded = [{items[i] for i in seen[dense]} for dense in range(len(users))]
+    results = recommend_json(cli, tmp_path, tiny_validation_cache, model, "--users", *users, "--topk", 10)
+    for dense, result in enumerate(results):
+        assert not recorded[dense] & {str(entry["item_id"]) for entry in result["items"]}
+    included = recommend_json(
+        cli, tmp_path, tiny_validation_cache, model, "--users", *users, "--topk", 10, "--include_seen"
+    )
+    assert any(recorded[d] & {str(entry["item_id"]) for entry in r["items"]} for d, r in enumerate(included))
