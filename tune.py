@@ -86,16 +86,19 @@ def parse_args():
 
 def default_space(model, n_train, pretrained):
     """{parameter: distribution} searched by default; sensible from ~100k to ~20M interactions."""
-    # Batches from about 20 steps an epoch (at 4 negatives) down to 256 times smaller: a small
-    # dataset learns nothing from a few huge steps, a large one learns too slowly from tiny ones.
-    top = 2 ** min(20, max(10, round(math.log2(n_train * 5 / 20))))
+    negatives = IntDistribution(1, 10)
+    # Batches from about 20 steps an epoch down to 256 times smaller: a small dataset learns nothing
+    # from a few huge steps, a large one learns too slowly from tiny ones. An epoch is n_train * (1 +
+    # negatives) samples: the largest batch is sized at the fewest negatives, so that no trial takes
+    # fewer steps whatever number of negatives it draws.
+    top = 2 ** min(20, max(10, round(math.log2(n_train * (1 + negatives.low) / 20))))
     space = {"optimizer": CategoricalDistribution(["adam", "sgd"])} if pretrained else {}
     space |= {
         "learning_rate": FloatDistribution(1e-4, 3e-2, log=True),
         "beta1": FloatDistribution(0.1, 0.99),
         "beta2": FloatDistribution(0.5, 0.9999),
         "batch_size": IntDistribution(max(256, top // 256), top, log=True),
-        "negative_samples": IntDistribution(1, 10),
+        "negative_samples": negatives,
         "l2_regularization": FloatDistribution(1e-6, 1e-1, log=True),
     }
     if pretrained:  # the branches' sizes are the checkpoints'

@@ -259,3 +259,15 @@ def test_pretrained_neumf_searches_the_fine_tuning(tiny_validation_cache, tmp_pa
     assert space["optimizer"] == "one of adam, sgd" and "pretrain_alpha" in space and "factors" not in space
     command = json.loads((tmp_path / "best.json").read_text())["command"]
     assert "--factors 16 --layers 32 16" in command and f"--pretrained_gmf {tmp_path / 'gmf.pth'}" in command
+
+
+@pytest.mark.parametrize("n_train", [100_000, 1_000_000, 20_000_000])
+def test_the_largest_batch_takes_about_20_steps_an_epoch_at_any_number_of_negatives(n_train):
+    """An epoch is n_train * (1 + negatives) samples; the largest batch searched, a power of two, is at most
+    sqrt(2) times an epoch's twentieth at every number of negatives searched (few huge steps learn nothing),
+    and the smallest is 256 times smaller (or 256)."""
+    space = tune.default_space("neumf", n_train, pretrained=False)
+    batch, negatives = space["batch_size"], space["negative_samples"]
+    for n in range(negatives.low, negatives.high + 1):
+        assert batch.high <= n_train * (1 + n) / 20 * 2**0.5, n
+    assert batch.low == max(256, batch.high // 256)
