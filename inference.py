@@ -14,6 +14,8 @@ of the input data.
 
 import argparse
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +32,21 @@ WARMUP_BATCHES = 10
 DEFAULT_BATCH_SIZES = "1,4,16,64,256,1024,4096,16384,65536,262144,1048576"
 ML20M = {"model": "neumf", "n_users": 138_493, "n_items": 26_744, "factors": 64, "layers": [256, 256, 128, 64]}
 ID_POOL_SAMPLES = 2**24  # random (user, item) samples made up front per batch size, cycled over the passes
+MODE_FLAGS = {  # the flags of one mode alone
+    "benchmark": (
+        "model",
+        "n_users",
+        "n_items",
+        "factors",
+        "layers",
+        "batch_sizes",
+        "num_batches",
+        "fp16",
+        "bf16",
+        "log_path",
+    ),
+    "recommend": ("data", "users", "users_file", "topk", "include_seen", "score_batch_size", "output"),
+}
 TABLE_COLUMNS = (
     "Batch size",
     "Throughput [samples/s]",
@@ -87,11 +104,21 @@ def parse_args():
     )
     rec.add_argument("--output", help="write FILE.csv or FILE.json instead of a table on stdout")
     args = parser.parse_args()
+    check_mode_flags(parser, args)
     if args.mode == "benchmark":
         check_benchmark_args(args)
     else:
         check_recommend_args(args)
     return args
+
+
+def check_mode_flags(parser, args):
+    """Refuse a flag of the other mode: ignored, it would hide a mistake (--fp16 / --bf16 in
+    particular: recommendations are scored in float32, as half precision rounds close scores into ties)."""
+    other = "recommend" if args.mode == "benchmark" else "benchmark"
+    for name in MODE_FLAGS[other]:
+        if getattr(args, name) != parser.get_default(name):
+            raise CliError(f"--{name} applies to --mode {other} only")
 
 
 def check_benchmark_args(args):
@@ -131,9 +158,6 @@ def check_recommend_args(args):
         raise CliError("--mode recommend needs --data and --load_checkpoint_path")
     if not args.users and not args.users_file:
         raise CliError("--mode recommend needs --users and/or --users_file")
-    if args.fp16 or args.bf16:
-        # half precision rounds close scores into ties and would change the ranking
-        raise CliError("--fp16/--bf16 apply to --mode benchmark only; recommendations are scored in float32")
     if args.topk < 1:
         raise CliError(f"--topk must be at least 1, got {args.topk}")
     if args.score_batch_size < 1:
@@ -146,6 +170,11 @@ def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda: CUDA is not available here")
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def out_of_memory(error):
+    """Whether a RuntimeError is a failed allocation: CUDA raises OutOfMemoryError, the CPU allocator a plain one."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def synchronize(device):
@@ -242,7 +271,14 @@ def benchmark(args, device):
     if args.load_checkpoint_path:
         model = load_model(args.load_checkpoint_path, device)
     else:
-        model = NeuMF(args.n_users, args.n_items, args.factors, args.layers, kind=args.model).to(device).eval()
+        try:
+            model = NeuMF(args.n_users, args.n_items, args.factors, args.layers, kind=args.model).to(device).eval()
+        except RuntimeError as error:
+            if not out_of_memory(error):
+                raise
+            raise CliError(
+                "the model does not fit in memory; use smaller --n_users/--n_items/--factors/--layers"
+            ) from None
     n_users, n_items = (table.num_embeddings for table in model.embeddings()[0])
     # Casting the whole model, not autocast: embedding rows are then read in half the bytes and no
     # weight is re-cast per pass. On CPU at batch 2^20 bf16 ran about 2x faster cast than autocast.
@@ -261,7 +297,9 @@ def benchmark(args, device):
         try:
             users, items = random_ids(batch_size, args.num_batches, n_users, n_items, device, generator)
             stats = latency_stats(batch_size, time_passes(model, users, items, args.num_batches, device))
-        except torch.OutOfMemoryError:
+        except RuntimeError as error:
+            if not out_of_memory(error):
+                raise
             raise CliError(
                 f"batch size {batch_size} does not fit in {device} memory; use smaller --batch_sizes"
             ) from None
@@ -295,9 +333,11 @@ def requested_users(args):
     users = list(args.users)
     if args.users_file:
         try:
-            users += Path(args.users_file).read_text().split()
+            users += Path(args.users_file).read_text(encoding="utf-8").split()
         except OSError as error:
             raise CliError(f"cannot read --users_file {args.users_file}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise CliError(f"--users_file {args.users_file} is not UTF-8 text (one raw user id per line)") from None
     return list(dict.fromkeys(users))
 
 
@@ -400,18 +440,33 @@ def write_recommendations(path, user_raw, item_raw, scores):
     if path is None:
         print(table.to_string(index=False, float_format="{:.6f}".format))
         return
+    if Path(path).suffix.lower() == ".csv":
+        text = table.to_csv(index=False)
+    else:
+        records = [
+            {"user_id": user, "items": [{"item_id": i, "score": s} for i, s in zip(items, row, strict=True)]}
+            for user, items, row in zip(user_raw.tolist(), item_raw.tolist(), scores.tolist(), strict=True)
+        ]
+        text = json.dumps(records, indent=2) + "\n"
     try:
-        if Path(path).suffix.lower() == ".csv":
-            table.to_csv(path, index=False)
-        else:
-            records = [
-                {"user_id": user, "items": [{"item_id": i, "score": s} for i, s in zip(items, row, strict=True)]}
-                for user, items, row in zip(user_raw.tolist(), item_raw.tolist(), scores.tolist(), strict=True)
-            ]
-            Path(path).write_text(json.dumps(records, indent=2) + "\n")
+        write_atomically(path, text)
     except OSError as error:
         raise CliError(f"cannot write {path}: {error.strerror}") from None
     print(f"wrote the top {k} items of {len(user_raw)} users to {path}")
+
+
+def write_atomically(path, text):
+    """Write into a temporary file beside `path`, then rename: `path` is never seen half written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def recommend(args, device):

@@ -485,3 +485,84 @@ def test_a_trained_model_recommends_none_of_a_users_items(cli, tiny_validation_c
         cli, tmp_path, tiny_validation_cache, model, "--users", *users, "--topk", 10, "--include_seen"
     )
     assert any(recorded[d] & {str(entry["item_id"]) for entry in r["items"]} for d, r in enumerate(included))
+
+
+# --- bad input and safe output ----------------------------------------------------------------
+
+
+def test_a_users_file_that_is_not_text_is_a_one_line_error(cli, int_data, model_path, tmp_path):
+    _, cache = int_data
+    users_file = tmp_path / "users.bin"
+    users_file.write_bytes(b"\xff\xfe\x00\x01")
+    code, _, err = cli(
+        "--mode", "recommend", "--data", cache, "--load_checkpoint_path", model_path, "--users_file", users_file
+    )
+    assert_one_line_error(code, err, "--users_file", "UTF-8")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_output_is_replaced_whole_or_not_at_all(cli, int_data, model_path, tmp_path, monkeypatch, suffix):
+    """The recommendations go to a temporary file beside --output, renamed over it once complete: a failure
+    before the rename leaves the previous file as it was and no temporary file behind."""
+    _, cache = int_data
+    output = tmp_path / "out" / f"top{suffix}"  # its directory is made
+    base = ["--mode", "recommend", "--data", cache, "--load_checkpoint_path", model_path, "--output", output]
+    code, _, err = cli(*base, "--users", *raw_ids(cache, USER_IDS_FILE)[:2])
+    assert code == 0, err
+    before = output.read_bytes()
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(inference.os, "replace", fail)
+    code, _, err = cli(*base, "--users", *raw_ids(cache, USER_IDS_FILE)[2:5])
+    assert_one_line_error(code, err, f"cannot write {output}: No space left on device")
+    assert output.read_bytes() == before
+    assert [path.name for path in output.parent.iterdir()] == [output.name]
+
+
+def test_output_in_a_directory_that_cannot_be_made_is_a_one_line_error(cli, int_data, model_path, tmp_path):
+    _, cache = int_data
+    (tmp_path / "a_file").write_text("x")
+    output = tmp_path / "a_file" / "top.csv"
+    code, _, err = cli(
+        "--mode", "recommend", "--data", cache, "--load_checkpoint_path", model_path, "--users", "1",
+        "--output", output,
+    )  # fmt: skip
+    assert_one_line_error(code, err, f"cannot write {output}: File exists")  # the directory cannot be made
+
+
+@pytest.mark.parametrize(
+    "mode, flag",
+    [
+        ("recommend", ["--batch_sizes", "0"]),
+        ("recommend", ["--num_batches", "5"]),
+        ("recommend", ["--log_path", "other.json"]),
+        ("recommend", ["--n_users", "5"]),
+        ("recommend", ["--bf16"]),
+        ("benchmark", ["--users", "1"]),
+        ("benchmark", ["--topk", "0"]),
+        ("benchmark", ["--include_seen"]),
+        ("benchmark", ["--output", "top.csv"]),
+    ],
+)
+def test_a_flag_of_the_other_mode_is_refused_not_ignored(cli, int_data, model_path, mode, flag):
+    _, cache = int_data
+    base = ["--load_checkpoint_path", model_path, "--batch_sizes", 1, "--num_batches", 11]
+    if mode == "recommend":
+        base = ["--mode", "recommend", "--data", cache, "--load_checkpoint_path", model_path, "--users", "1"]
+    other = "benchmark" if mode == "recommend" else "recommend"
+    assert_one_line_error(*cli(*base, *flag)[::2], f"{flag[0]} applies to --mode {other} only")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--batch_sizes", 2**50], f"batch size {2**50} does not fit in cpu memory"),
+        (["--n_users", 2**50, "--model", "gmf", "-f", 1], "the model does not fit in memory"),
+    ],
+)
+def test_what_does_not_fit_in_cpu_memory_is_a_one_line_error(cli, tmp_path, args, fragment):
+    """Petabytes: more than the address space, so the allocation fails at once whatever the overcommit policy."""
+    base = ["--device", "cpu", "--num_batches", 11, "--log_path", tmp_path / "log.json"]
+    assert_one_line_error(*cli(*base, *args)[::2], fragment)
