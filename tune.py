@@ -18,6 +18,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import optuna
 import sqlalchemy
@@ -74,6 +75,8 @@ def parse_args():
         raise CliError(f"--timeout must be positive, got {args.timeout}")
     if args.heartbeat < 1:
         raise CliError(f"--heartbeat must be at least 1 second, got {args.heartbeat}")
+    if not args.study_name:
+        raise CliError("--study_name must not be empty")
     if bool(args.pretrained_gmf) != bool(args.pretrained_mlp):
         raise CliError("pre-training needs both --pretrained_gmf and --pretrained_mlp")
     if args.pretrained_gmf and args.model != "neumf":
@@ -188,7 +191,7 @@ def describe(space, fixed):
 def ncf_flags(values, settings):
     """ncf.py's flags (all but --data) of a trial with these parameter values."""
     flags = ["--model", settings["model"], "--seed", settings["seed"], "--epochs", settings["epochs"]]
-    flags += ["--patience", settings["patience"]] if settings["patience"] else []
+    flags += ["--patience", settings["patience"]] if settings["patience"] is not None else []
     flags += ["--amp"] if settings["amp"] else []
     for name in ("optimizer", "learning_rate", "beta1", "beta2", "batch_size", "negative_samples", "factors"):
         flags += [f"--{name}", values[name]] if name in values else []
@@ -311,6 +314,18 @@ def parse_enqueued(text, space):
 # --- the study --------------------------------------------------------------------------------
 
 
+def check_output(path):
+    """Refuse an --output that cannot be written now, not once the study is over."""
+    path = Path(path)
+    if path.is_dir():
+        raise CliError(f"--output {path} is a directory; give the path of the JSON file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as error:
+        raise CliError(f"cannot write --output {path}: {error.strerror}") from None
+
+
 def make_storage(args, url):
     def connect():
         return optuna.storages.RDBStorage(
@@ -424,6 +439,7 @@ def report_best(study, args):
 
 def main():
     args = parse_args()
+    check_output(args.output)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours (Ctrl-C included)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     data = ncf.load_cache(args.data)

@@ -206,6 +206,9 @@ def run_in_process(monkeypatch, capsys, *args):
         (["--fix", "factors=sixteen"], "--fix factors needs an integer"),
         (["--fix", "beta1=1"], "--beta1 must be in [0, 1)"),
         (["--fix", "factors=8", "--range", "factors=8:16"], "factors is given more than once"),
+        (["--patience", 0], "--patience must be at least 1"),
+        (["--study_name", ""], "--study_name must not be empty"),
+        (["--output", "{tmp}"], "is a directory"),
     ],
 )
 def test_bad_input_is_one_line(tiny_validation_cache, tmp_path, monkeypatch, capsys, flags, message):
@@ -216,6 +219,18 @@ def test_bad_input_is_one_line(tiny_validation_cache, tmp_path, monkeypatch, cap
         "--epochs", 1, "--output", tmp_path / "best.json", *storage, *flags,
     )  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and err.startswith("tune.py: error: ") and message in err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_trial(
+    tiny_validation_cache, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "a_file").write_text("x")
+    code, err = run_in_process(
+        monkeypatch, capsys, "--data", tiny_validation_cache, "--model", "gmf", "--trials", 1, "--epochs", 1,
+        "--study_name", "o", "--storage", f"sqlite:///{tmp_path}/s.db", "--output", tmp_path / "a_file" / "best.json",
+    )  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and f"cannot write --output {tmp_path / 'a_file' / 'best.json'}" in err
+    assert not (tmp_path / "s.db").exists()  # no study made, no trial run
 
 
 def test_refuses_a_cache_without_validation_split(tiny_cache, tmp_path, monkeypatch, capsys):
