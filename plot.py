@@ -12,7 +12,9 @@ Optuna's own matplotlib figures.
 
 import argparse
 import json
+import os
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,9 @@ class Run:
     def series(self, key):
         """(epochs, values) of a per-epoch metric, for the epochs that logged it."""
         points = [(epoch, data[key]) for epoch, data in sorted(self.epochs.items()) if key in data]
+        for epoch, value in points:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise CliError(f"{self.label}: epoch {epoch}: {key} is {value!r}, not a number")
         return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -49,6 +54,8 @@ def read_runs(path):
     """The runs in one log: ncf.py appends, so a file holds one run per PARAMETER record, except
     that a --resume run continues the run before it."""
     path = Path(path)
+    if path.is_dir():
+        raise CliError(f"{path} is a directory, not a log")
     if not path.is_file():
         raise CliError(f"{path} does not exist")
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
@@ -65,6 +72,10 @@ def read_runs(path):
         if record["type"] != "LOG":
             continue  # METADATA records describe units, not values
         step, data = record.get("step"), record.get("data", {})
+        if not isinstance(data, dict):
+            raise CliError(f"{path}: line {number}: its data is not a JSON object; is it an ncf.py log?")
+        if isinstance(step, list) and len(step) == 1 and (isinstance(step[0], bool) or not isinstance(step[0], int)):
+            raise CliError(f"{path}: line {number}: step {step} is not [epoch]; is it an ncf.py log?")
         if step == "PARAMETER" and not (data.get("resume") and runs):
             runs.append(Run(path.stem, data))
         elif isinstance(step, list) and len(step) == 1:
@@ -165,7 +176,7 @@ def log_figures(runs):
 
 
 def study_figures(storage, study_name):
-    """{file name: figure} of a study: its optimization history and, given two finished trials,
+    """{file name: figure} of a study: its optimization history and, given two complete trials,
     its parameter importances."""
     import optuna
 
@@ -180,16 +191,29 @@ def study_figures(storage, study_name):
     if study_name not in names:
         raise CliError(f"{storage} has no study {study_name!r} (it has: {', '.join(names) or 'none'})")
     study = optuna.load_study(study_name=study_name, storage=storage)
-    finished = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
-    if not finished:
-        raise CliError(f"study {study_name!r} has no finished trial yet")
+    complete = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise CliError(f"study {study_name!r} has no complete trial yet")
     figures = {"history.png": optuna.visualization.matplotlib.plot_optimization_history(study).figure}
-    if len(finished) > 1 and finished[0].params:
+    if len(complete) > 1 and complete[0].params:
         figures["importances.png"] = optuna.visualization.matplotlib.plot_param_importances(study).figure
     for figure in figures.values():
         figure.set_size_inches(6.4, 4.0)
         figure.tight_layout()
     return figures
+
+
+def save_atomically(figure, path):
+    """A PNG written into a temporary file beside `path`, then renamed: `path` is never seen half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def parse_args():
@@ -216,8 +240,7 @@ def main():
         figures = log_figures([run for path in args.logs for run in read_runs(path)])
     for name, figure in figures.items():
         try:
-            args.output.mkdir(parents=True, exist_ok=True)
-            figure.savefig(args.output / name, dpi=100)
+            save_atomically(figure, args.output / name)
         except OSError as error:
             raise CliError(f"cannot write {args.output / name}: {error.strerror}") from None
         plt.close(figure)

@@ -8,11 +8,18 @@ from pathlib import Path
 import pytest
 
 import plot
-from utils import JsonLineLogger
+from utils import JsonLineLogger, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PARAMS = {"data": "cache", "epochs": 3, "batch_size": 4096, "learning_rate": 0.0045, "topk": 10}
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Tests that make figures in this process leave none open for the next."""
+    yield
+    plot.plt.close("all")
 
 
 def run(*args):
@@ -170,3 +177,64 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
     assert result.stderr.startswith("plot.py: error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "figures").exists()
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ('{"type": "LOG", "step": [0], "data": [1]}', "line 1: its data is not a JSON object"),
+        ('{"type": "LOG", "step": "PARAMETER", "data": [1]}', "line 1: its data is not a JSON object"),
+        ('{"type": "LOG", "step": [[0]], "data": {"hr@10": 0.1}}', "line 1: step [[0]] is not [epoch]"),
+        ('{"type": "LOG", "step": ["a"], "data": {"hr@10": 0.1}}', "line 1: step ['a'] is not [epoch]"),
+        ('{"type": "LOG", "step": [0], "data": {"hr@10": "x", "ndcg@10": 0.1}}', "epoch 0: hr@10 is 'x', not a number"),
+    ],
+)
+def test_records_of_another_shape_are_one_line_errors(tmp_path, record, message):
+    """JSON that parses but is not what ncf.py writes: refused with the line or epoch, not a traceback."""
+    log = tmp_path / "log.json"
+    log.write_text(f"DLLL {record}\n")
+    with pytest.raises(plot.CliError) as error:
+        plot.log_figures(plot.read_runs(log))
+    assert message in str(error.value)
+
+
+def test_a_directory_given_as_a_log_is_named_so(tmp_path):
+    with pytest.raises(plot.CliError, match="is a directory, not a log"):
+        plot.read_runs(tmp_path)
+
+
+def test_figures_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    """Each PNG goes to a temporary file beside it, renamed over it once complete: a failure before the
+    rename leaves the previous figure as it was and no temporary file behind."""
+    log = write_log(tmp_path / "a.json", [(PARAMS, epochs([0.2, 0.3]))])
+    figures = tmp_path / "figures"
+    monkeypatch.setattr(sys, "argv", ["plot.py", str(log), "--output", str(figures)])
+    run_main(plot.main)
+    before = {path.name: path.read_bytes() for path in figures.iterdir()}
+    assert sorted(before) == ["hr.png", "loss.png", "ndcg.png", "throughput.png"]
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+
+    write_log(log, [(PARAMS, epochs([0.5, 0.1]))])  # another run: other figures
+    monkeypatch.setattr(plot.os, "replace", fail)
+    with pytest.raises(SystemExit) as exit_:
+        run_main(plot.main)
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr().err.strip() == f"plot.py: error: cannot write {figures / 'hr.png'}: No space left on device"
+    )
+    assert {path.name: path.read_bytes() for path in figures.iterdir()} == before
+
+
+def test_a_study_of_pruned_trials_only_has_no_complete_trial(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+
+    def pruned(trial):
+        trial.suggest_float("lr", 0, 1)
+        raise optuna.TrialPruned()
+
+    optuna.create_study(study_name="p", storage=storage).optimize(pruned, 2)
+    with pytest.raises(plot.CliError, match="study 'p' has no complete trial yet"):
+        plot.study_figures(storage, "p")
