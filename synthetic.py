@@ -1,7 +1,8 @@
 """Write a synthetic MovieLens-like ratings file: the suite's default dataset, needing no download.
 
 The file has the ml-20m layout (`userId,movieId,rating,timestamp`, sorted by user then movie), so
-`convert.py --format ml-20m` reads it. It is fully determined by the sizes and --seed.
+`convert.py --format ml-20m` reads it. It is fully determined by the arguments (sizes, --seed and the
+shape options below).
 
 How it is made:
   * items have Zipf-like popularity, weight ~ rank^-popularity_exponent, ranks shuffled over ids;
@@ -17,6 +18,7 @@ How it is made:
 """
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +73,10 @@ def item_distributions(rng, n_items, args):
     popularity = rng.permutation(np.arange(1, n_items + 1, dtype=np.float64) ** -args.popularity_exponent)
     item_vectors = rng.normal(size=(n_items, args.dim)) / np.sqrt(args.dim)
     group_vectors = rng.normal(size=(args.clusters, args.dim))
-    logits = args.taste_strength * group_vectors @ item_vectors.T
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, in one line
+        logits = args.taste_strength * group_vectors @ item_vectors.T
+    if not np.isfinite(logits).all():
+        raise CliError(f"--taste_strength {args.taste_strength} is too large: the items' weights overflow")
     weights = np.vstack([popularity, popularity * np.exp(logits - logits.max(axis=1, keepdims=True))])
     cdfs = np.cumsum(weights, axis=1)
     cdfs /= cdfs[:, -1:]
@@ -168,6 +173,12 @@ def main():
         raise CliError("--users, --items, --min_ratings, --clusters and --dim must be positive")
     if args.seed < 0:
         raise CliError("--seed must be non-negative")
+    if not math.isfinite(args.taste_strength):
+        raise CliError(f"--taste_strength must be finite, got {args.taste_strength}")
+    if not 0 <= args.taste_share <= 1:  # NaN too
+        raise CliError(f"--taste_share must be in [0, 1], got {args.taste_share}")
+    if not 0 <= args.popularity_exponent < math.inf:
+        raise CliError(f"--popularity_exponent must be finite and >= 0, got {args.popularity_exponent}")
     if n_items < 2 * args.min_ratings:
         raise CliError(f"--items must be at least twice --min_ratings ({2 * args.min_ratings})")
     if n_ratings < n_users * args.min_ratings:

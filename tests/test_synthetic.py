@@ -191,13 +191,20 @@ BAD_ARGUMENTS = {
     "too many ratings": (["--ratings", 10**9], "--ratings must be at most users x items / 2 (793,063)"),
     "too few items": (["--items", 39], "--items must be at least twice --min_ratings (40)"),
     "negative seed": (["--seed", -1], "--seed must be non-negative"),
+    "taste_strength not a number": (["--taste_strength", "nan"], "--taste_strength must be finite, got nan"),
+    "infinite taste_strength": (["--taste_strength", "inf"], "--taste_strength must be finite, got inf"),
+    "overflowing taste_strength": (["--taste_strength", "1e308"], "--taste_strength 1e+308 is too large"),
+    "taste_share above 1": (["--taste_share", 1.5], "--taste_share must be in [0, 1], got 1.5"),
+    "taste_share not a number": (["--taste_share", "nan"], "--taste_share must be in [0, 1], got nan"),
+    "negative popularity_exponent": (["--popularity_exponent", -1], "--popularity_exponent must be finite and >= 0"),
+    "infinite popularity_exponent": (["--popularity_exponent", "inf"], "--popularity_exponent must be finite"),
     "output is a directory": (["--output", "{dir}"], "is a directory"),
     "output under a file": (["--output", "{dir}/a_file/ratings.csv"], "cannot write"),
     "unknown preset": (["--preset", "ml-30m"], "invalid choice: 'ml-30m'"),
     "not a number": (["--users", "many"], "invalid int value: 'many'"),
 }
 ARGPARSE_ERRORS = {"unknown preset", "not a number"}
-CLI_CASES = ["zero users", "output under a file", "unknown preset"]
+CLI_CASES = ["zero users", "output under a file", "unknown preset", "overflowing taste_strength"]
 
 
 def bad_case(directory, name):
