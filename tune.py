@@ -260,6 +260,8 @@ def make_objective(args, data, space, fixed, settings, device):
                 )  # fmt: skip
             except CliError as error:  # a fresh one-process run only raises it when the loss diverges
                 raise optuna.TrialPruned(str(error)) from None
+            except torch.OutOfMemoryError:  # parameters too large for the device: a bad point, not the end
+                raise optuna.TrialPruned("out of memory") from None
             finally:
                 trial.set_user_attr("training_seconds", time.time() - start - bookkeeping)
         figures = {"val_hr@10": best["val_hr"], "val_ndcg@10": best["val_ndcg"], "epoch": best["epoch"]}

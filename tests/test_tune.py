@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
+import torch
 
 import ncf
 import tune
@@ -286,3 +287,24 @@ def test_the_largest_batch_takes_about_20_steps_an_epoch_at_any_number_of_negati
     for n in range(negatives.low, negatives.high + 1):
         assert batch.high <= n_train * (1 + n) / 20 * 2**0.5, n
     assert batch.low == max(256, batch.high // 256)
+
+
+def test_a_trial_out_of_memory_is_pruned_and_the_study_goes_on(tiny_validation_cache, tmp_path, monkeypatch, capsys):
+    """A trial whose parameters do not fit in the device's memory is a bad point of the search, not the end of it."""
+    train, calls = ncf.train, []
+
+    def first_out_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(ncf, "train", first_out_of_memory)
+    code, err = run_in_process(
+        monkeypatch, capsys, "--data", tiny_validation_cache, "--model", "gmf", "--trials", 2, "--epochs", 1,
+        "--study_name", "m", "--storage", f"sqlite:///{tmp_path}/s.db", "--output", tmp_path / "best.json",
+    )  # fmt: skip
+    assert code == 0, err
+    trials = load(tmp_path / "s.db", "m").trials
+    assert [trial.state.name for trial in trials] == ["PRUNED", "COMPLETE"]
+    assert json.loads((tmp_path / "best.json").read_text())["trial"] == 1
