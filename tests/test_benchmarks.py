@@ -15,6 +15,15 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import train_bench  # noqa: E402
+
+import ncf  # noqa: E402
+from dataloading import TrainBatches, load_cache  # noqa: E402
+from neumf import NeuMF  # noqa: E402
+from utils import enable_tf32  # noqa: E402
+
 TRAIN_COLUMNS = [
     "precision", "batch", "epoch [s]", "pipeline [samples/s]", "bare step [samples/s]", "pipeline / bare",
     "eval [s]", "eval [users/s]", "eval [samples/s]", "peak RSS [GB]", "peak device [GB]",
@@ -49,11 +58,49 @@ def test_train_bench_prints_every_column(tiny_cache, tmp_path, compiled):
     assert rows[0][0] == ("fp32 compiled" if compiled else "fp32")
     figures = json.loads((tmp_path / "r.json").read_text())["results"]
     assert figures["compiled"] is compiled
+    assert figures["compiles_while_timed"] == (0 if compiled else None)  # the warm-up compiled every shape
+    assert figures["tf32"] is False  # a CPU
     for key in ("pipeline_samples_per_s", "bare_step_samples_per_s", "eval_samples_per_s", "peak_host_rss_gb"):
         assert figures[key] > 0
     assert figures["pipeline_over_bare"] == pytest.approx(
         figures["pipeline_samples_per_s"] / figures["bare_step_samples_per_s"]
     )
+
+
+@pytest.mark.parametrize(
+    "precision, device, amp",
+    [("fp32", "cuda", False), ("fp16", "cuda", True), ("bf16", "cuda", False), ("fp32", "cpu", False),
+     ("bf16", "cpu", True)],
+)  # fmt: skip
+def test_train_bench_trains_with_ncf_settings(tiny_cache, precision, device, amp):
+    # a CUDA device without CUDA: make_optimizer reads more of the settings on CUDA than on the CPU
+    args = train_bench.parse_args(["--data", str(tiny_cache), "--precision", precision, "--batch_size", "4096"])
+    settings = train_bench.training_settings(args, torch.device(device), tiny_cache)
+    assert settings.amp is amp  # ncf.py's --amp: fp16 on CUDA, bf16 on the CPU
+    assert vars(settings) == vars(ncf.parse_args(["--data", str(tiny_cache), "-b", "4096", *["--amp"] * amp]))
+    optimizer = ncf.make_optimizer(NeuMF(10, 20, 8, [16, 8]), settings, torch.device(device))
+    assert optimizer.param_groups[0]["lr"] == settings.learning_rate == 0.0045
+
+
+def test_train_bench_warms_up_on_every_batch_shape_of_an_epoch(tiny_cache):
+    data = load_cache(tiny_cache)
+    epoch = TrainBatches(data.train, data.n_items, 4, 1024, 0, 1, torch.device("cpu")).epoch(seed=0)
+    shapes = {len(labels) for *_, labels in epoch}
+    assert len(shapes) == 2  # full batches and the last, short one
+    assert {len(labels) for *_, labels in train_bench.warmup_batches(epoch)} == shapes
+
+
+def test_enable_tf32_only_on_cuda():
+    backends = torch.backends
+    saved = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32
+    try:
+        backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = False
+        assert enable_tf32(torch.device("cpu")) is False
+        assert (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32) == (False, False)
+        assert enable_tf32(torch.device("cuda")) is True  # the flags are settable without a GPU
+        assert (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = saved
 
 
 @pytest.mark.parametrize(
@@ -111,6 +158,21 @@ def test_accuracy_bench_reports_each_model_over_seeds(shared_data, tmp_path):
     parameters = json.loads(refit_pre[5:])["data"]  # the refit starts from the refit branches' last epoch
     assert parameters["pretrained_gmf"].endswith("ml-100k-full-gmf-seed2/last.pth")
     assert parameters["pretrained_mlp"].endswith("ml-100k-full-mlp-seed2/last.pth")
+
+
+def test_accuracy_bench_names_the_data_location_when_files_are_missing(tmp_path):
+    ml_1m = tmp_path / "data" / "ml-1m" / "ratings.PARTIAL-users-1-2999.dat"
+    ml_1m.parent.mkdir(parents=True)
+    ml_1m.write_text("1::1::5::978300760\n")  # ml-100k is missing: nothing runs, not even ml-1m
+    env = os.environ | {"OMP_NUM_THREADS": "1", "NCF_SHARED_DATA": str(tmp_path / "data")}
+    command = ["benchmarks/accuracy.py", "--datasets", "ml-1m", "ml-100k", "--settings", "gmf", "--seeds", "1"]
+    command += ["--epochs", "1", "--workdir", str(tmp_path / "work")]
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("accuracy.py: error: ")
+    for named in (str(tmp_path / "data" / "ml-100k" / "u.data"), "--shared_data", "NCF_SHARED_DATA"):
+        assert named in result.stderr
+    assert not (tmp_path / "work").exists()
 
 
 def test_stability_reports_the_spread_over_seeds(tiny_validation_cache, tmp_path):
