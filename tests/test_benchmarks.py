@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ import train_bench  # noqa: E402
 import ncf  # noqa: E402
 from dataloading import TrainBatches, load_cache  # noqa: E402
 from neumf import NeuMF  # noqa: E402
-from utils import enable_tf32  # noqa: E402
+from utils import enable_tf32, read_log  # noqa: E402
 
 TRAIN_COLUMNS = [
     "precision", "batch", "epoch [s]", "pipeline [samples/s]", "bare step [samples/s]", "pipeline / bare",
@@ -173,6 +174,88 @@ def test_accuracy_bench_names_the_data_location_when_files_are_missing(tmp_path)
     for named in (str(tmp_path / "data" / "ml-100k" / "u.data"), "--shared_data", "NCF_SHARED_DATA"):
         assert named in result.stderr
     assert not (tmp_path / "work").exists()
+
+
+def fake_movielens(ratings_csv, directory):
+    """The ML-1m and ML-100k files accuracy.py reads, holding a synthetic ratings file in their formats."""
+    ratings = pd.read_csv(ratings_csv)
+    ratings["rating"] = ratings.rating.round().astype(int)  # both formats hold whole stars
+    rows = list(ratings[["userId", "movieId", "rating", "timestamp"]].itertuples(index=False))
+    for name, separator in (("ml-1m/ratings.PARTIAL-users-1-2999.dat", "::"), ("ml-100k/u.data", "\t")):
+        (directory / name).parent.mkdir(parents=True)
+        (directory / name).write_text("".join(separator.join(map(str, row)) + "\n" for row in rows))
+    return directory
+
+
+def test_run_gpu_dry_run_runs_every_step_on_the_cpu(tiny_cache, tmp_path):
+    shared_data = fake_movielens(tiny_cache.parent / "ratings.csv", tmp_path / "movielens")
+    out = tmp_path / "out"
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # `python` is this one
+        "DRY_RUN": "1", "OUT": str(out), "WORK": str(tmp_path / "work"), "NCF_SHARED_DATA": str(shared_data),
+        "OMP_NUM_THREADS": "1",
+    }  # fmt: skip
+    result = subprocess.run(
+        ["bash", "benchmarks/run_gpu.sh"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(path.name for path in out.iterdir()) == [
+        "accuracy.json", "inference-bf16.json", "inference-fp32.json", "train-synthetic-tiny-bf16-compiled.json",
+        "train-synthetic-tiny-bf16.json", "train-synthetic-tiny-fp32.json",
+    ]  # fmt: skip
+    for name, precision, compiled in (
+        ("bf16", "bf16", False),
+        ("fp32", "fp32", False),
+        ("bf16-compiled", "bf16", True),
+    ):
+        figures = json.loads((out / f"train-synthetic-tiny-{name}.json").read_text())["results"]
+        assert (figures["device"].split()[0], figures["precision"], figures["compiled"]) == ("cpu", precision, compiled)
+        assert (figures["users"], figures["items"], figures["batch_size"]) == (60, 200, 1024)
+    for precision in ("bf16", "fp32"):
+        logged = {key for record in read_log(out / f"inference-{precision}.json") for key in record.get("data", {})}
+        assert {"batch_1_mean_throughput", "batch_1024_mean_throughput"} <= logged
+    accuracy = json.loads((out / "accuracy.json").read_text())["results"]
+    assert sorted(accuracy) == ["ml-100k reference", "ml-1m reference"]
+    assert all(run["epochs"] == 1 for runs in accuracy.values() for run in runs)
+
+
+def run_gpu_commands(tmp_path, **env):
+    """The python command lines run_gpu.sh runs, and its stdout, with `python` and `nvidia-smi` stand-ins."""
+    shims, log = tmp_path / "bin", tmp_path / "commands.txt"
+    shims.mkdir(exist_ok=True)
+    log.unlink(missing_ok=True)
+    for name in ("python", "nvidia-smi"):
+        (shims / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n')
+        (shims / name).chmod(0o755)
+    env = os.environ | {"PATH": f"{shims}{os.pathsep}{os.environ['PATH']}", "WORK": str(tmp_path / "w")} | env
+    result = subprocess.run(["bash", "benchmarks/run_gpu.sh"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    return [line.split() for line in log.read_text().splitlines()], result.stdout
+
+
+def test_run_gpu_dry_run_runs_the_flags_of_the_gpu_run(tmp_path):
+    data = {"NCF_SHARED_DATA": str(tmp_path / "movielens")}
+    (tmp_path / "movielens").mkdir()
+    gpu, _ = run_gpu_commands(tmp_path, OUT=str(tmp_path / "gpu"), **data)
+    dry, _ = run_gpu_commands(tmp_path, OUT=str(tmp_path / "dry"), DRY_RUN="1", **data)
+    assert gpu[0][0] == "nvidia-smi" and all(command[0] == "python" for command in gpu[1:] + dry)
+
+    def flags(commands):
+        return {(command[1], word) for command in commands for word in command if word.startswith("--")}
+
+    def devices(commands):
+        return {command[command.index("--device") + 1] for command in commands if "--device" in command}
+
+    # what the dry run does not run: the ML-20m shape and fp16, which needs CUDA
+    assert flags(gpu[1:]) - flags(dry) == {("synthetic.py", "--preset"), ("inference.py", "--fp16")}
+    assert {command[1] for command in gpu[1:]} == {command[1] for command in dry}
+    assert devices(gpu) == {"cuda"} and devices(dry) == {"cpu"}
+
+
+def test_run_gpu_skips_the_accuracy_step_without_movielens_files(tmp_path):
+    commands, stdout = run_gpu_commands(tmp_path, OUT=str(tmp_path / "gpu"), NCF_SHARED_DATA=str(tmp_path / "none"))
+    assert "benchmarks/accuracy.py" not in {command[1] for command in commands}
+    assert f"no MovieLens files at {tmp_path / 'none'}: accuracy step skipped (set NCF_SHARED_DATA" in stdout
 
 
 def test_stability_reports_the_spread_over_seeds(tiny_validation_cache, tmp_path):
