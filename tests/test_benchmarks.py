@@ -3,9 +3,11 @@
 Performance itself is measured by running the benchmarks, never asserted here.
 """
 
+import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -219,8 +221,8 @@ def test_run_gpu_dry_run_runs_every_step_on_the_cpu(tiny_cache, tmp_path):
     assert all(run["epochs"] == 1 for runs in accuracy.values() for run in runs)
 
 
-def run_gpu_commands(tmp_path, **env):
-    """The python command lines run_gpu.sh runs, and its stdout, with `python` and `nvidia-smi` stand-ins."""
+def benchmark_set_commands(script, tmp_path, **env):
+    """The command lines a benchmarks/run_*.sh runs, and its stdout, with `python` and `nvidia-smi` stand-ins."""
     shims, log = tmp_path / "bin", tmp_path / "commands.txt"
     shims.mkdir(exist_ok=True)
     log.unlink(missing_ok=True)
@@ -228,16 +230,33 @@ def run_gpu_commands(tmp_path, **env):
         (shims / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n')
         (shims / name).chmod(0o755)
     env = os.environ | {"PATH": f"{shims}{os.pathsep}{os.environ['PATH']}", "WORK": str(tmp_path / "w")} | env
-    result = subprocess.run(["bash", "benchmarks/run_gpu.sh"], cwd=ROOT, capture_output=True, text=True, env=env)
+    result = subprocess.run(["bash", f"benchmarks/{script}"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     return [line.split() for line in log.read_text().splitlines()], result.stdout
+
+
+@pytest.mark.parametrize("script", ["run_cpu.sh", "run_gpu.sh"])
+def test_benchmark_sets_pass_flags_their_scripts_accept(tmp_path, monkeypatch, script):
+    (tmp_path / "movielens").mkdir()
+    commands, _ = benchmark_set_commands(script, tmp_path, OUT=str(tmp_path / "out"), NCF_SHARED_DATA=str(tmp_path))
+    assert len(commands) > 5
+    for program, path, *argv in commands:
+        if program == "python":
+            spec = importlib.util.spec_from_file_location(f"run_sh_{Path(path).stem}", ROOT / path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            monkeypatch.setattr(sys, "argv", [path, *argv])
+            try:
+                module.parse_args()
+            except SystemExit:
+                pytest.fail(f"{script}: {path} refuses {shlex.join(argv)}")
 
 
 def test_run_gpu_dry_run_runs_the_flags_of_the_gpu_run(tmp_path):
     data = {"NCF_SHARED_DATA": str(tmp_path / "movielens")}
     (tmp_path / "movielens").mkdir()
-    gpu, _ = run_gpu_commands(tmp_path, OUT=str(tmp_path / "gpu"), **data)
-    dry, _ = run_gpu_commands(tmp_path, OUT=str(tmp_path / "dry"), DRY_RUN="1", **data)
+    gpu, _ = benchmark_set_commands("run_gpu.sh", tmp_path, OUT=str(tmp_path / "gpu"), **data)
+    dry, _ = benchmark_set_commands("run_gpu.sh", tmp_path, OUT=str(tmp_path / "dry"), DRY_RUN="1", **data)
     assert gpu[0][0] == "nvidia-smi" and all(command[0] == "python" for command in gpu[1:] + dry)
 
     def flags(commands):
@@ -252,10 +271,14 @@ def test_run_gpu_dry_run_runs_the_flags_of_the_gpu_run(tmp_path):
     assert devices(gpu) == {"cuda"} and devices(dry) == {"cpu"}
 
 
-def test_run_gpu_skips_the_accuracy_step_without_movielens_files(tmp_path):
-    commands, stdout = run_gpu_commands(tmp_path, OUT=str(tmp_path / "gpu"), NCF_SHARED_DATA=str(tmp_path / "none"))
-    assert "benchmarks/accuracy.py" not in {command[1] for command in commands}
-    assert f"no MovieLens files at {tmp_path / 'none'}: accuracy step skipped (set NCF_SHARED_DATA" in stdout
+@pytest.mark.parametrize("script", ["run_cpu.sh", "run_gpu.sh"])
+def test_benchmark_sets_skip_the_real_data_steps_without_movielens_files(tmp_path, script):
+    out, missing = str(tmp_path / "out"), tmp_path / "none"
+    commands, stdout = benchmark_set_commands(script, tmp_path, OUT=out, NCF_SHARED_DATA=str(missing))
+    scripts = {command[1] for command in commands}
+    assert "benchmarks/accuracy.py" not in scripts and "benchmarks/full_ranking_bench.py" not in scripts
+    assert "benchmarks/train_bench.py" in scripts  # the rest runs
+    assert f"{script}: no MovieLens files at {missing}: " in stdout and "skipped (set NCF_SHARED_DATA" in stdout
 
 
 def test_stability_reports_the_spread_over_seeds(tiny_validation_cache, tmp_path):
