@@ -237,6 +237,20 @@ def broadcast_int(value, device):
     return int(tensor.item())
 
 
+def enable_tf32(device):
+    """TF32 matrix products and convolutions on CUDA (Ampere and later), as the reference trains in fp32.
+
+    Returns whether TF32 is on: never on a CPU, where it does not exist.
+    """
+    import torch
+
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 # --- logging ----------------------------------------------------------------------------------
 
 

@@ -5,9 +5,9 @@
     python benchmarks/accuracy.py --datasets ml-100k --settings gmf --seeds 1
     python benchmarks/accuracy.py --json results/accuracy.json
 
-The datasets come from ../shared/data (or --shared_data): ML-1m users 1-2999 (the part of the
-official ratings.dat that is available offline), ML-100k and ml-latest-small; each is converted
-once with and once without --validation into --workdir. Every run is ncf.py in its own process,
+The datasets come from --shared_data (default: $NCF_SHARED_DATA, else ../shared/data): ML-1m users
+1-2999 (the part of the official ratings.dat that is available offline), ML-100k and ml-latest-small;
+each is converted once with and once without --validation into --workdir. Every run is ncf.py in its own process,
 read back from its DLLogger log; nothing is selected on the test set. For each recipe and seed:
 - selected: trained without the validation items, the epoch with the best validation HR@10, and
   that epoch's test figures;
@@ -18,6 +18,7 @@ selection does not include them).
 """
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -28,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils import read_log, run_summary, write_results  # noqa: E402
+from utils import CliError, read_log, run_main, run_summary, write_results  # noqa: E402
 
 DATASETS = {  # name: (file under shared/data, name convert.py expects, format)
     "ml-1m": ("ml-1m/ratings.PARTIAL-users-1-2999.dat", "ratings.dat", "ml-1m"),
@@ -57,6 +58,7 @@ RECIPES = {
     "neumf-pre": [*COMMON, "--model", "neumf", *SIZES["gmf"], *SIZES["mlp"], "-l", "0.0005"]
     + ["--dropout", "0", "--l2_regularization", "0.001"],
 }
+SHARED_DATA_VARIABLE = "NCF_SHARED_DATA"  # where the MovieLens files are, when --shared_data is not given
 BEST = {"ml-1m": "gmf", "ml-100k": "gmf", "ml-latest-small": "gmf"}  # the recommended model per dataset
 
 
@@ -72,7 +74,12 @@ def parse_args():
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, help="train at most this many epochs (default: each recipe's)")
-    parser.add_argument("--shared_data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument(
+        "--shared_data",
+        type=Path,
+        default=Path(os.environ.get(SHARED_DATA_VARIABLE, ROOT.parent / "shared" / "data")),
+        help=f"folder holding ml-1m/, ml-100k/, ... (default: ${SHARED_DATA_VARIABLE}, else ../shared/data)",
+    )
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -83,12 +90,20 @@ def parse_args():
     return parser.parse_args()
 
 
+def check_sources(datasets, shared_data):
+    """Every dataset's file is there before the first run starts."""
+    for name in datasets:
+        if not (shared_data / DATASETS[name][0]).is_file():
+            raise CliError(
+                f"{shared_data / DATASETS[name][0]} not found: set --shared_data or {SHARED_DATA_VARIABLE} "
+                "to the folder holding the MovieLens files"
+            )
+
+
 def prepare(name, shared_data, workdir):
     """The dataset's cache with a validation split, and its cache without one (the refit's training data)."""
     source, raw_name, fmt = DATASETS[name]
     raw = workdir / name / raw_name
-    if not (shared_data / source).is_file():
-        sys.exit(f"accuracy.py: error: {shared_data / source} not found (see --shared_data)")
     if not raw.exists():
         raw.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shared_data / source, raw)
@@ -144,6 +159,7 @@ def mean_std(values):
 
 def main():
     args = parse_args()
+    check_sources(args.datasets, args.shared_data)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ncf-accuracy-"))
     results = {}
     for dataset in args.datasets:
@@ -182,4 +198,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -10,6 +10,10 @@ bare step: as many steps of ncf.train_epoch on one pre-made batch, with no sampl
 slicing. pipeline / bare is what the data pipeline costs. Also evaluation throughput (ncf.evaluate,
 reference protocol), peak host RSS and peak device memory. Measured in one process, one after the
 other, so the ratio holds on a noisy machine.
+
+The settings are ncf.py's own (its parser, at its defaults), with TF32 on CUDA as ncf.py has it.
+The warm-up steps train a full batch and the epoch's last, short one, so that --compile compiles
+every shape before the timing starts; the JSON's compiles_while_timed counts any compilation after.
 """
 
 import argparse
@@ -27,13 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 import ncf  # noqa: E402
 from dataloading import EvalCandidates, TrainBatches, load_cache  # noqa: E402
-from neumf import NeuMF  # noqa: E402
-from utils import CliError, Progress, run_main, write_results  # noqa: E402
+from utils import CliError, Progress, enable_tf32, run_main, write_results  # noqa: E402
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", type=Path, help="cache directory (convert.py / prepare_dataset.sh)")
@@ -48,15 +51,19 @@ def parse_args():
     parser.add_argument("--dropout", type=float, default=0.5)
     parser.add_argument("--compile", action="store_true", help="train a torch.compile'd model (pipeline and bare step)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def training_settings(args):
-    """The ncf.py flags that train_epoch, make_optimizer and evaluate read, at their defaults."""
-    return argparse.Namespace(
-        optimizer="adam", learning_rate=0.0045, beta1=0.25, beta2=0.5, eps=1e-8, l2_regularization=0.0,
-        grads_accumulated=1, topk=10, valid_batch_size=args.valid_batch_size,
-    )  # fmt: skip
+def training_settings(args, device, data_path):
+    """ncf.py's settings for this run, made by ncf.py's own parser so that none can drift from it.
+
+    ncf.py's --amp is fp16 on CUDA and bf16 on the CPU: it is set where --precision is that dtype.
+    bf16 on CUDA, which ncf.py has no flag for, trains as ncf.py without --amp but for the autocast.
+    """
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    flags = ["--data", data_path, "--batch_size", args.batch_size, "--valid_batch_size", args.valid_batch_size]
+    flags += ["--dropout", args.dropout] + (["--amp"] if PRECISIONS[args.precision] == amp_dtype else [])
+    return ncf.parse_args([str(flag) for flag in flags])
 
 
 def synthetic_cache(preset, workdir):
@@ -97,19 +104,34 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def warmup_batches(epoch_batches):
+    """A full batch, the epoch's last (short) one, a full one: a compiled model sees every shape of an
+    epoch here, so dynamo compiles (and makes the batch dimension dynamic) before the timing starts."""
+    return [epoch_batches[0], epoch_batches[-1], epoch_batches[0]]
+
+
+def compiled_frames():
+    """Frames dynamo has compiled in this process so far (recompilations included)."""
+    import torch._dynamo.utils
+
+    return torch._dynamo.utils.counters["frames"]["total"]
+
+
 def measure(args):
-    data = load_cache(args.data or synthetic_cache(args.preset, args.workdir or Path(tempfile.mkdtemp())))
+    data_path = args.data or synthetic_cache(args.preset, args.workdir or Path(tempfile.mkdtemp()))
+    data = load_cache(data_path)
     device = check_settings(args, data)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = training_settings(args)
+    tf32 = enable_tf32(device)
+    settings = training_settings(args, device, data_path)
     dtype = PRECISIONS[args.precision]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     torch.manual_seed(0)
-    model = NeuMF(data.n_users, data.n_items, 64, [256, 256, 128, 64], args.dropout).to(device)
+    model = ncf.make_model(settings, data, device)
     optimizer = ncf.make_optimizer(model, settings, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    batches = TrainBatches(data.train, data.n_items, 4, args.batch_size, 0, 1, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.amp and device.type == "cuda")
+    batches = TrainBatches(data.train, data.n_items, settings.negative_samples, args.batch_size, 0, 1, device)
     trained = torch.compile(model) if args.compile else model  # compiled by the warm-up steps
 
     def train(label, epoch_batches):
@@ -117,9 +139,10 @@ def measure(args):
         ncf.train_epoch(trained, optimizer, scaler, epoch_batches, settings, autocast, progress)
         progress.close()
 
-    warmup = batches.epoch(seed=0)[:3]
+    warmup = warmup_batches(batches.epoch(seed=0))
     train("warm-up", warmup)
     synchronize(device)
+    frames_before = compiled_frames() if args.compile else None
     start = time.perf_counter()
     for epoch in range(args.epochs):
         train(f"pipeline epoch {epoch}", batches.epoch(seed=epoch + 1))
@@ -133,6 +156,7 @@ def measure(args):
     train("bare steps", [full_batch] * steps)
     synchronize(device)
     bare = steps * len(full_batch[0]) / (time.perf_counter() - start)
+    compiles_while_timed = compiled_frames() - frames_before if args.compile else None
 
     evaluator = EvalCandidates(data.test, data.test_negatives, 0, 1, device)
     ncf.evaluate(model, evaluator, settings, autocast)  # warm-up
@@ -148,6 +172,8 @@ def measure(args):
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "precision": args.precision,
         "compiled": args.compile,
+        "compiles_while_timed": compiles_while_timed,
+        "tf32": tf32,
         "batch_size": args.batch_size,
         "epoch_seconds": pipeline_seconds / args.epochs,
         "pipeline_samples_per_s": pipeline,

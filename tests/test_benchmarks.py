@@ -3,18 +3,30 @@
 Performance itself is measured by running the benchmarks, never asserted here.
 """
 
+import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import train_bench  # noqa: E402
+
+import ncf  # noqa: E402
+from dataloading import TrainBatches, load_cache  # noqa: E402
+from neumf import NeuMF  # noqa: E402
+from utils import enable_tf32, read_log  # noqa: E402
+
 TRAIN_COLUMNS = [
     "precision", "batch", "epoch [s]", "pipeline [samples/s]", "bare step [samples/s]", "pipeline / bare",
     "eval [s]", "eval [users/s]", "eval [samples/s]", "peak RSS [GB]", "peak device [GB]",
@@ -49,11 +61,49 @@ def test_train_bench_prints_every_column(tiny_cache, tmp_path, compiled):
     assert rows[0][0] == ("fp32 compiled" if compiled else "fp32")
     figures = json.loads((tmp_path / "r.json").read_text())["results"]
     assert figures["compiled"] is compiled
+    assert figures["compiles_while_timed"] == (0 if compiled else None)  # the warm-up compiled every shape
+    assert figures["tf32"] is False  # a CPU
     for key in ("pipeline_samples_per_s", "bare_step_samples_per_s", "eval_samples_per_s", "peak_host_rss_gb"):
         assert figures[key] > 0
     assert figures["pipeline_over_bare"] == pytest.approx(
         figures["pipeline_samples_per_s"] / figures["bare_step_samples_per_s"]
     )
+
+
+@pytest.mark.parametrize(
+    "precision, device, amp",
+    [("fp32", "cuda", False), ("fp16", "cuda", True), ("bf16", "cuda", False), ("fp32", "cpu", False),
+     ("bf16", "cpu", True)],
+)  # fmt: skip
+def test_train_bench_trains_with_ncf_settings(tiny_cache, precision, device, amp):
+    # a CUDA device without CUDA: make_optimizer reads more of the settings on CUDA than on the CPU
+    args = train_bench.parse_args(["--data", str(tiny_cache), "--precision", precision, "--batch_size", "4096"])
+    settings = train_bench.training_settings(args, torch.device(device), tiny_cache)
+    assert settings.amp is amp  # ncf.py's --amp: fp16 on CUDA, bf16 on the CPU
+    assert vars(settings) == vars(ncf.parse_args(["--data", str(tiny_cache), "-b", "4096", *["--amp"] * amp]))
+    optimizer = ncf.make_optimizer(NeuMF(10, 20, 8, [16, 8]), settings, torch.device(device))
+    assert optimizer.param_groups[0]["lr"] == settings.learning_rate == 0.0045
+
+
+def test_train_bench_warms_up_on_every_batch_shape_of_an_epoch(tiny_cache):
+    data = load_cache(tiny_cache)
+    epoch = TrainBatches(data.train, data.n_items, 4, 1024, 0, 1, torch.device("cpu")).epoch(seed=0)
+    shapes = {len(labels) for *_, labels in epoch}
+    assert len(shapes) == 2  # full batches and the last, short one
+    assert {len(labels) for *_, labels in train_bench.warmup_batches(epoch)} == shapes
+
+
+def test_enable_tf32_only_on_cuda():
+    backends = torch.backends
+    saved = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32
+    try:
+        backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = False
+        assert enable_tf32(torch.device("cpu")) is False
+        assert (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32) == (False, False)
+        assert enable_tf32(torch.device("cuda")) is True  # the flags are settable without a GPU
+        assert (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = saved
 
 
 @pytest.mark.parametrize(
@@ -111,6 +161,124 @@ def test_accuracy_bench_reports_each_model_over_seeds(shared_data, tmp_path):
     parameters = json.loads(refit_pre[5:])["data"]  # the refit starts from the refit branches' last epoch
     assert parameters["pretrained_gmf"].endswith("ml-100k-full-gmf-seed2/last.pth")
     assert parameters["pretrained_mlp"].endswith("ml-100k-full-mlp-seed2/last.pth")
+
+
+def test_accuracy_bench_names_the_data_location_when_files_are_missing(tmp_path):
+    ml_1m = tmp_path / "data" / "ml-1m" / "ratings.PARTIAL-users-1-2999.dat"
+    ml_1m.parent.mkdir(parents=True)
+    ml_1m.write_text("1::1::5::978300760\n")  # ml-100k is missing: nothing runs, not even ml-1m
+    env = os.environ | {"OMP_NUM_THREADS": "1", "NCF_SHARED_DATA": str(tmp_path / "data")}
+    command = ["benchmarks/accuracy.py", "--datasets", "ml-1m", "ml-100k", "--settings", "gmf", "--seeds", "1"]
+    command += ["--epochs", "1", "--workdir", str(tmp_path / "work")]
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("accuracy.py: error: ")
+    for named in (str(tmp_path / "data" / "ml-100k" / "u.data"), "--shared_data", "NCF_SHARED_DATA"):
+        assert named in result.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def fake_movielens(ratings_csv, directory):
+    """The ML-1m and ML-100k files accuracy.py reads, holding a synthetic ratings file in their formats."""
+    ratings = pd.read_csv(ratings_csv)
+    ratings["rating"] = ratings.rating.round().astype(int)  # both formats hold whole stars
+    rows = list(ratings[["userId", "movieId", "rating", "timestamp"]].itertuples(index=False))
+    for name, separator in (("ml-1m/ratings.PARTIAL-users-1-2999.dat", "::"), ("ml-100k/u.data", "\t")):
+        (directory / name).parent.mkdir(parents=True)
+        (directory / name).write_text("".join(separator.join(map(str, row)) + "\n" for row in rows))
+    return directory
+
+
+def test_run_gpu_dry_run_runs_every_step_on_the_cpu(tiny_cache, tmp_path):
+    shared_data = fake_movielens(tiny_cache.parent / "ratings.csv", tmp_path / "movielens")
+    out = tmp_path / "out"
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # `python` is this one
+        "DRY_RUN": "1", "OUT": str(out), "WORK": str(tmp_path / "work"), "NCF_SHARED_DATA": str(shared_data),
+        "OMP_NUM_THREADS": "1",
+    }  # fmt: skip
+    result = subprocess.run(
+        ["bash", "benchmarks/run_gpu.sh"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(path.name for path in out.iterdir()) == [
+        "accuracy.json", "inference-bf16.json", "inference-fp32.json", "train-synthetic-tiny-bf16-compiled.json",
+        "train-synthetic-tiny-bf16.json", "train-synthetic-tiny-fp32.json",
+    ]  # fmt: skip
+    for name, precision, compiled in (
+        ("bf16", "bf16", False),
+        ("fp32", "fp32", False),
+        ("bf16-compiled", "bf16", True),
+    ):
+        figures = json.loads((out / f"train-synthetic-tiny-{name}.json").read_text())["results"]
+        assert (figures["device"].split()[0], figures["precision"], figures["compiled"]) == ("cpu", precision, compiled)
+        assert (figures["users"], figures["items"], figures["batch_size"]) == (60, 200, 1024)
+    for precision in ("bf16", "fp32"):
+        logged = {key for record in read_log(out / f"inference-{precision}.json") for key in record.get("data", {})}
+        assert {"batch_1_mean_throughput", "batch_1024_mean_throughput"} <= logged
+    accuracy = json.loads((out / "accuracy.json").read_text())["results"]
+    assert sorted(accuracy) == ["ml-100k reference", "ml-1m reference"]
+    assert all(run["epochs"] == 1 for runs in accuracy.values() for run in runs)
+
+
+def benchmark_set_commands(script, tmp_path, **env):
+    """The command lines a benchmarks/run_*.sh runs, and its stdout, with `python` and `nvidia-smi` stand-ins."""
+    shims, log = tmp_path / "bin", tmp_path / "commands.txt"
+    shims.mkdir(exist_ok=True)
+    log.unlink(missing_ok=True)
+    for name in ("python", "nvidia-smi"):
+        (shims / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n')
+        (shims / name).chmod(0o755)
+    env = os.environ | {"PATH": f"{shims}{os.pathsep}{os.environ['PATH']}", "WORK": str(tmp_path / "w")} | env
+    result = subprocess.run(["bash", f"benchmarks/{script}"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    return [line.split() for line in log.read_text().splitlines()], result.stdout
+
+
+@pytest.mark.parametrize("script", ["run_cpu.sh", "run_gpu.sh"])
+def test_benchmark_sets_pass_flags_their_scripts_accept(tmp_path, monkeypatch, script):
+    (tmp_path / "movielens").mkdir()
+    commands, _ = benchmark_set_commands(script, tmp_path, OUT=str(tmp_path / "out"), NCF_SHARED_DATA=str(tmp_path))
+    assert len(commands) > 5
+    for program, path, *argv in commands:
+        if program == "python":
+            spec = importlib.util.spec_from_file_location(f"run_sh_{Path(path).stem}", ROOT / path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            monkeypatch.setattr(sys, "argv", [path, *argv])
+            try:
+                module.parse_args()
+            except SystemExit:
+                pytest.fail(f"{script}: {path} refuses {shlex.join(argv)}")
+
+
+def test_run_gpu_dry_run_runs_the_flags_of_the_gpu_run(tmp_path):
+    data = {"NCF_SHARED_DATA": str(tmp_path / "movielens")}
+    (tmp_path / "movielens").mkdir()
+    gpu, _ = benchmark_set_commands("run_gpu.sh", tmp_path, OUT=str(tmp_path / "gpu"), **data)
+    dry, _ = benchmark_set_commands("run_gpu.sh", tmp_path, OUT=str(tmp_path / "dry"), DRY_RUN="1", **data)
+    assert gpu[0][0] == "nvidia-smi" and all(command[0] == "python" for command in gpu[1:] + dry)
+
+    def flags(commands):
+        return {(command[1], word) for command in commands for word in command if word.startswith("--")}
+
+    def devices(commands):
+        return {command[command.index("--device") + 1] for command in commands if "--device" in command}
+
+    # what the dry run does not run: the ML-20m shape and fp16, which needs CUDA
+    assert flags(gpu[1:]) - flags(dry) == {("synthetic.py", "--preset"), ("inference.py", "--fp16")}
+    assert {command[1] for command in gpu[1:]} == {command[1] for command in dry}
+    assert devices(gpu) == {"cuda"} and devices(dry) == {"cpu"}
+
+
+@pytest.mark.parametrize("script", ["run_cpu.sh", "run_gpu.sh"])
+def test_benchmark_sets_skip_the_real_data_steps_without_movielens_files(tmp_path, script):
+    out, missing = str(tmp_path / "out"), tmp_path / "none"
+    commands, stdout = benchmark_set_commands(script, tmp_path, OUT=out, NCF_SHARED_DATA=str(missing))
+    scripts = {command[1] for command in commands}
+    assert "benchmarks/accuracy.py" not in scripts and "benchmarks/full_ranking_bench.py" not in scripts
+    assert "benchmarks/train_bench.py" in scripts  # the rest runs
+    assert f"{script}: no MovieLens files at {missing}: " in stdout and "skipped (set NCF_SHARED_DATA" in stdout
 
 
 def test_stability_reports_the_spread_over_seeds(tiny_validation_cache, tmp_path):
