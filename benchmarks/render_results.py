@@ -292,13 +292,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file is out of date")
     args = parser.parse_args()
-    stale = [path for path, text in rendered().items() if not path.is_file() or path.read_text() != text]
+    files = rendered()
+    stale = [path for path, text in files.items() if not path.is_file() or path.read_text() != text]
     if args.check:
         for path in stale:
             print(f"{path.relative_to(ROOT)} is out of date: run {REGENERATE}", file=sys.stderr)
         sys.exit(1 if stale else 0)
-    for path, text in rendered().items():
-        path.write_text(text)
+    for path in stale:
+        path.write_text(files[path])
         print(f"wrote {path.relative_to(ROOT)}")
 
 
