@@ -172,6 +172,13 @@ def links(path):
                 yield number, target
 
 
+def test_the_readme_is_short_and_its_first_screen_says_how_to_start():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 250
+    first_screen = "\n".join(lines[:40])
+    assert "./quickstart.sh" in first_screen and "./test.sh" in first_screen and "(docs/" in first_screen
+
+
 def test_every_docs_page_is_linked_from_the_readme():
     linked = {(README.parent / target.split("#")[0]).resolve() for _, target in links(README)}
     assert PAGES, "no docs/*.md"
