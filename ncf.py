@@ -52,7 +52,13 @@ def parse_args(argv=None):
     parser.add_argument("--data", required=True, help="cache directory written by convert.py / prepare_dataset.sh")
     parser.add_argument("--model", choices=MODELS, default="neumf", help="NeuMF, or one of its branches alone")
     parser.add_argument("-e", "--epochs", type=int, default=30, help="number of epochs")
-    parser.add_argument("-b", "--batch_size", type=int, default=2**20, help="global batch size, split across ranks")
+    parser.add_argument(
+        "-b",
+        "--batch_size",
+        type=int,
+        default=2**20,
+        help="global batch size, split across ranks; an optimizer step takes --grads_accumulated batches",
+    )
     parser.add_argument("--valid_batch_size", type=int, default=2**20, help="samples scored at once in evaluation")
     parser.add_argument("-f", "--factors", type=int, default=64, help="size of the MF embeddings")
     parser.add_argument("--layers", nargs="+", type=int, default=[256, 256, 128, 64], help="MLP layer sizes")

@@ -338,11 +338,13 @@ def make_logger(path, enabled):
             backend = dllogger.JSONStreamBackend(dllogger.Verbosity.VERBOSE, path, append=True)
             dllogger.init(backends=[backend])
 
-        def log(self, step, data):
+        def log(self, step, data):  # flushed, as the local writer's lines: a killed run keeps every record
             dllogger.log(step=step, data=data)
+            dllogger.flush()
 
         def metadata(self, name, meta):
             dllogger.metadata(name, meta)
+            dllogger.flush()
 
         def close(self):
             dllogger.flush()

@@ -1088,17 +1088,34 @@ def flush():
 '''
 
 
-def test_resume_appends_to_the_log_through_nvidia_dllogger(tiny_cache, tmp_path):
-    package = tmp_path / "site" / "dllogger"
+def fake_dllogger(directory):
+    """A directory holding the dllogger package FAKE_DLLOGGER, for sys.path / PYTHONPATH."""
+    package = directory / "site" / "dllogger"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(FAKE_DLLOGGER)
-    env = {"PYTHONPATH": str(package.parent)}
+    return package.parent
+
+
+def test_resume_appends_to_the_log_through_nvidia_dllogger(tiny_cache, tmp_path):
+    env = {"PYTHONPATH": str(fake_dllogger(tmp_path))}
     common = ["--data", tiny_cache, *SMALL, "--checkpoint_dir", tmp_path]
     run_ncf(*common, "-e", 1, log_path=tmp_path / "log.json", env=env).expect_success()
     resumed = run_ncf(*common, "-e", 2, "--resume", log_path=tmp_path / "log.json", env=env).expect_success()
     assert "timestamp" not in resumed.log[0]  # written by dllogger, not by ncf's own writer
     assert [r["step"] for r in resumed.log if r["step"] == "PARAMETER"] == ["PARAMETER"] * 2
     assert [r["step"] for r in resumed.log if isinstance(r["step"], list) and r["step"]] == [[0], [1]]
+
+
+def test_dllogger_records_reach_the_file_when_logged(tmp_path, monkeypatch):
+    """dllogger's file is block-buffered: unflushed, a killed run would lose its latest epochs (and
+    leave half a line for a --resume to append to)."""
+    monkeypatch.syspath_prepend(str(fake_dllogger(tmp_path)))
+    monkeypatch.delitem(sys.modules, "dllogger", raising=False)
+    logger = utils.make_logger(tmp_path / "log.json", True)
+    logger.log("PARAMETER", {"seed": 1})
+    logger.log((0,), {"hr@10": 0.5})
+    assert [r["step"] for r in read_log(tmp_path / "log.json")] == ["PARAMETER", [0]]
+    logger.close()
 
 
 # --- several processes and GPUs ---------------------------------------------------------------------
