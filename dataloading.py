@@ -85,7 +85,8 @@ class TrainBatches:
     against the user's positives, as the reference), the augmented epoch is shuffled as a whole
     with a generator every rank seeds alike, and rank r takes slice r of `world_size` equal slices.
     The last batch may be short; nothing is dropped but the < world_size samples that do not
-    divide evenly between ranks.
+    divide evenly between ranks (ncf.train_epoch then drops the batches after an epoch's last whole
+    group of --grads_accumulated batches).
     """
 
     def __init__(self, train_pairs, n_items, negatives, batch_size, rank, world_size, device):

@@ -11,8 +11,11 @@ the best model so far — on validation when there is a split — is written to 
 
 import argparse
 import contextlib
+import functools
 import math
 import random
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +52,13 @@ def parse_args(argv=None):
     parser.add_argument("--data", required=True, help="cache directory written by convert.py / prepare_dataset.sh")
     parser.add_argument("--model", choices=MODELS, default="neumf", help="NeuMF, or one of its branches alone")
     parser.add_argument("-e", "--epochs", type=int, default=30, help="number of epochs")
-    parser.add_argument("-b", "--batch_size", type=int, default=2**20, help="global batch size, split across ranks")
+    parser.add_argument(
+        "-b",
+        "--batch_size",
+        type=int,
+        default=2**20,
+        help="global batch size, split across ranks; an optimizer step takes --grads_accumulated batches",
+    )
     parser.add_argument("--valid_batch_size", type=int, default=2**20, help="samples scored at once in evaluation")
     parser.add_argument("-f", "--factors", type=int, default=64, help="size of the MF embeddings")
     parser.add_argument("--layers", nargs="+", type=int, default=[256, 256, 128, 64], help="MLP layer sizes")
@@ -57,7 +66,9 @@ def parse_args(argv=None):
     parser.add_argument("-l", "--learning_rate", type=float, default=0.0045)
     parser.add_argument("-k", "--topk", type=int, default=10, help="K of HR@K and NDCG@K")
     parser.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: drawn and logged)")
-    parser.add_argument("-t", "--threshold", type=float, default=1.0, help="stop once HR@K reaches it")
+    parser.add_argument(
+        "-t", "--threshold", type=float, default=1.0, help="stop once HR@K (validation HR@K with a split) reaches it"
+    )
     parser.add_argument("-b1", "--beta1", type=float, default=0.25, help="Adam beta1")
     parser.add_argument("-b2", "--beta2", type=float, default=0.5, help="Adam beta2")
     parser.add_argument("--eps", type=float, default=1e-8, help="Adam epsilon")
@@ -87,10 +98,23 @@ def parse_args(argv=None):
         help="reference: the cached 100 negatives, duplicates masked; exact: 100 distinct never-seen "
         "negatives per user; full: rank against every item the user did not train on",
     )
-    parser.add_argument("--grads_accumulated", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument(
+        "--grads_accumulated",
+        type=int,
+        default=1,
+        help="whole batches of -b samples per optimizer step, as the reference: the gradients of their mean "
+        "losses are summed (not averaged), and the batches after an epoch's last whole group are dropped",
+    )
     parser.add_argument("--amp", action="store_true", help="mixed precision: fp16 on CUDA, bf16 on CPU")
-    parser.add_argument("--log_path", default="log.json", help="DLLogger JSON-lines log")
+    parser.add_argument("--log_path", default="log.json", help="DLLogger JSON-lines log, appended to")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint_dir/last.pth")
+    parser.add_argument(
+        "--checkpoint_every",
+        type=int,
+        default=1,
+        help="epochs between writes of last.pth (the training state --resume continues from); the last epoch's "
+        "is always written. --resume repeats the epochs after the last write",
+    )
     parser.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help="set by torch.distributed.launch; else LOCAL_RANK"
     )
@@ -100,7 +124,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    positive = ("epochs", "batch_size", "valid_batch_size", "factors", "topk", "grads_accumulated")
+    positive = ("epochs", "batch_size", "valid_batch_size", "factors", "topk", "grads_accumulated", "checkpoint_every")
     for name in positive:
         if getattr(args, name) < 1:
             raise CliError(f"--{name} must be at least 1")
@@ -229,32 +253,58 @@ def make_model(args, data, device):
     return model.to(device)
 
 
+@functools.cache
+def note(message):
+    """Print a remark on stderr once per process, from rank 0 only."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"{Path(sys.argv[0]).name}: note: {message}", file=sys.stderr)
+
+
 def make_optimizer(model, args, device):
     """Adam as the reference, fused: apex's FusedAdam when installed on CUDA, else torch's; or plain SGD.
 
     Not apex's with --amp on CUDA: GradScaler reads its inf check with .item(), a host sync every
-    step, unless the optimizer takes the check on the device, as torch's fused ones do.
+    step, unless the optimizer takes the check on the device, as torch's fused ones do. An apex that
+    does not work (built without its CUDA extensions, or for another torch) is said once and left out.
     """
     if args.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=args.learning_rate, fused=True)
     settings = dict(lr=args.learning_rate, betas=(args.beta1, args.beta2), eps=args.eps)
     if device.type == "cuda" and not args.amp:
-        with contextlib.suppress(ImportError):
+        try:
             from apex.optimizers import FusedAdam
 
             return FusedAdam(model.parameters(), **settings)
+        except ModuleNotFoundError as error:
+            if error.name != "apex":
+                note(f"apex is installed but does not load ({error}); using torch's fused Adam")
+        except (ImportError, RuntimeError) as error:
+            note(f"apex is installed but its FusedAdam does not work ({error}); using torch's fused Adam")
     return torch.optim.Adam(model.parameters(), fused=True, **settings)
 
 
+def whole_groups(batches, accumulate):
+    """The batches an epoch trains on: its whole groups of `accumulate` consecutive batches, one
+    optimizer step each. The batches after the last whole group are dropped, as the reference does."""
+    return batches[: len(batches) - len(batches) % accumulate]
+
+
 def train_epoch(model, optimizer, scaler, batches, args, autocast, progress):
-    """One pass over this rank's batches; returns the summed loss (without the L2 term), left on the device."""
+    """One pass over this rank's batches, --grads_accumulated (G) whole batches per optimizer step.
+
+    A step's gradient is the sum of its G batches' mean-loss gradients, as the reference's: G
+    batches of B samples give G times the mean-loss gradient of the batch of G * B samples they
+    make up (with DDP, whose all-reduce averages over ranks, B is the global batch). The batches
+    after the last whole group are dropped. Returns the summed loss (without the L2 term), left
+    on the device, and the number of samples trained on.
+    """
     model.train()
+    batches = whole_groups(batches, args.grads_accumulated)
     loss_sum = torch.zeros((), device=batches[0][0].device)
-    accumulate = args.grads_accumulated
     module = getattr(model, "module", model)  # the model inside DDP
     for step, (users, items, labels) in enumerate(batches):
-        last_micro_batch = (step + 1) % accumulate == 0 or step + 1 == len(batches)
-        sync = contextlib.nullcontext() if last_micro_batch or not hasattr(model, "no_sync") else model.no_sync()
+        steps_now = (step + 1) % args.grads_accumulated == 0
+        sync = contextlib.nullcontext() if steps_now or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast:
                 logits = model(users, items).flatten()
@@ -262,14 +312,14 @@ def train_epoch(model, optimizer, scaler, batches, args, autocast, progress):
                 objective = loss
                 if args.l2_regularization:
                     objective = loss + args.l2_regularization * module.embedding_l2(users, items) / len(labels)
-            scaler.scale(objective / accumulate).backward()
-        if last_micro_batch:
+            scaler.scale(objective).backward()
+        if steps_now:
             scaler.step(optimizer)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()  # apex's FusedAdam takes no set_to_none; both set the gradients to None
         loss_sum += loss.detach() * len(labels)
         progress.update()
-    return loss_sum
+    return loss_sum, sum(len(labels) for *_, labels in batches)
 
 
 def epoch_seed(seed, epoch):
@@ -326,17 +376,65 @@ def load_training_state(path, model, optimizer, scaler, data, args):
         raise CliError(f"{path} is another run: {', '.join(other)}; resume with the run's settings or start a new run")
     load_model_weights(model, path, model_state(state, path))
     try:
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        optimizer.load_state_dict(optimizer_state_for(optimizer, state["optimizer"], path))
+        if state["scaler"] or not scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        # else a run without fp16 loss scaling (fp32, or bf16 --amp on CPU) goes on in fp16: a new scale starts
     except (KeyError, ValueError) as error:
         raise CliError(f"{path} does not hold a usable training state ({error})") from None
     return state["epochs_done"], state["seed"], state["best"], state.get("run_time", state["best"]["time"])
+
+
+def optimizer_state_for(optimizer, saved, path):
+    """The saved Adam state in the layout of `optimizer`, so that a run goes on across devices with
+    or without apex: apex's FusedAdam keeps the step count (its bias correction) per parameter group,
+    torch's Adam per parameter. Other states, and states of the same layout, are returned as saved.
+    """
+    per_group = "bias_correction" in optimizer.defaults  # apex's FusedAdam
+    groups = saved["param_groups"]
+    if isinstance(optimizer, torch.optim.SGD) or per_group == ("bias_correction" in groups[0]):
+        return saved
+    own_groups = optimizer.state_dict()["param_groups"]  # this optimizer's settings: --resume checked them
+    if len(own_groups) != len(groups):
+        raise ValueError(f"{len(groups)} parameter groups, not {len(own_groups)}")
+    if per_group:  # torch's per-parameter counts -> one per group
+        for own, group in zip(own_groups, groups, strict=True):
+            steps = {int(saved["state"][i]["step"]) for i in group["params"] if i in saved["state"]}
+            if len(steps) > 1:
+                raise CliError(
+                    f"{path} holds an Adam state whose parameters took different numbers of steps, which apex's "
+                    "FusedAdam (one count per group) cannot continue; resume without apex"
+                )
+            own |= {"step": steps.pop()} if steps else {}
+        states = {i: {k: v for k, v in s.items() if k != "step"} for i, s in saved["state"].items()}
+        return {"state": states, "param_groups": own_groups}
+    states = {}  # apex's per-group count -> one per parameter
+    for group in groups:
+        for i in group["params"]:
+            if i in saved["state"]:
+                states[i] = saved["state"][i] | {"step": torch.tensor(float(group["step"]))}
+    return {"state": states, "param_groups": own_groups}
 
 
 def make_autocast(args, device):
     if not args.amp:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+def check_writable(directory):
+    """Make the checkpoint directory and try a file in it: a run learns at start-up, not after its
+    first epoch, that it could not keep its checkpoints."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as error:
+        raise CliError(f"cannot write checkpoints in {directory}: {error.strerror}") from None
+
+
+def make_scaler(args, device):
+    """fp16's dynamic loss scaling: --amp on CUDA only (bf16 on CPU needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
 
 
 def make_evaluators(args, data, rank, world_size, device):
@@ -365,12 +463,22 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
 
     The best epoch is the one with the highest validation HR@K when the cache has a validation
     split (the test HR@K otherwise); on_epoch(epoch, metrics), when given, is called after each
-    epoch's evaluation and may raise to stop the run (tune.py prunes trials this way).
+    epoch's evaluation and checkpoints and may raise to stop the run (tune.py prunes trials this way).
     """
+    checkpoint_dir = Path(args.checkpoint_dir)
+    if rank == 0:
+        check_writable(checkpoint_dir)
+    train_batches = TrainBatches(
+        data.train, data.n_items, args.negative_samples, args.batch_size, rank, world_size, device
+    )
+    if len(train_batches) < args.grads_accumulated:
+        raise CliError(
+            f"--grads_accumulated {args.grads_accumulated} needs as many batches per epoch, and -b {args.batch_size} "
+            f"makes {len(train_batches)} batches of this data: lower one of them"
+        )
     autocast = make_autocast(args, device)
     optimizer = make_optimizer(model, args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
-    checkpoint_dir = Path(args.checkpoint_dir)
+    scaler = make_scaler(args, device)
     validating = "valid" in evaluators
     selected, best_key = (f"val_hr@{args.topk}", "val_hr") if validating else (f"hr@{args.topk}", "hr")
     first_epoch, best, run_time = 0, {"hr": -1.0, "val_hr": -1.0, "epoch": -1, "time": 0.0}, 0.0
@@ -382,9 +490,6 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
     elif args.load_checkpoint_path:
         load_model_weights(model, args.load_checkpoint_path)
     ddp_model = DistributedDataParallel(model) if world_size > 1 else model
-    train_batches = TrainBatches(
-        data.train, data.n_items, args.negative_samples, args.batch_size, rank, world_size, device
-    )
     log(
         f"{args.model}: {data.n_users:,} users, {data.n_items:,} items, {len(data.train):,} positives; "
         f"{world_size} process(es) on {device}; seed {seed}; {args.eval_protocol} evaluation protocol"
@@ -394,11 +499,12 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
     throughputs, eval_throughputs, target_time = [], [], None
     for epoch in range(first_epoch, args.epochs):
         torch.manual_seed(epoch_seed(seed, epoch) * world_size + rank)  # dropout: per rank, per epoch
-        progress = Progress(len(train_batches), train_batches.samples_per_epoch, f"epoch {epoch}", rank == 0)
         start = time.time()
-        batches = train_batches.epoch(epoch_seed(seed, epoch))
-        loss_sum = train_epoch(ddp_model, optimizer, scaler, batches, args, autocast, progress)
-        train_loss = all_reduce_sum(loss_sum.double()).item() / (train_batches.samples_per_rank * world_size)
+        batches = whole_groups(train_batches.epoch(epoch_seed(seed, epoch)), args.grads_accumulated)
+        samples = sum(len(labels) for *_, labels in batches) * world_size  # every rank has batches of these sizes
+        progress = Progress(len(batches), samples, f"epoch {epoch}", rank == 0)
+        loss_sum, _ = train_epoch(ddp_model, optimizer, scaler, batches, args, autocast, progress)
+        train_loss = all_reduce_sum(loss_sum.double()).item() / samples
         train_time = time.time() - start
         progress.close()
         if not math.isfinite(train_loss):
@@ -410,12 +516,40 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
         metrics, pairs = evaluate_splits(model, evaluators, args, autocast)
         eval_time = time.time() - start
         run_time += train_time + eval_time
-        throughputs.append(train_batches.samples_per_rank * world_size / train_time)
+        throughputs.append(samples / train_time)
         eval_throughputs.append(pairs / eval_time)
+        improved = metrics[selected] > best[best_key]
+        if improved:
+            best = {
+                "hr": metrics[f"hr@{args.topk}"],
+                "ndcg": metrics[f"ndcg@{args.topk}"],
+                "val_hr": metrics.get(f"val_hr@{args.topk}", -1.0),
+                "val_ndcg": metrics.get(f"val_ndcg@{args.topk}", -1.0),
+                "epoch": epoch,
+                "time": run_time,
+            }
+        stop = None
+        if metrics[selected] >= args.threshold:
+            target_time = run_time
+            stop = f"{selected} {metrics[selected]:.4f} reached the threshold {args.threshold}; stopping"
+        elif args.patience is not None and epoch - best["epoch"] >= args.patience:
+            stop = f"no better {selected} for {args.patience} epochs; stopping"
+
+        # rank 0 writes while the others wait at the next collective: the time is logged, and
+        # --checkpoint_every spaces out last.pth, the larger file (it holds Adam's moments too)
+        start = time.time()
+        if rank == 0 and improved:
+            atomic_save(model.state_dict(), checkpoint_dir / BEST_CHECKPOINT)
+        last_epoch = stop is not None or epoch + 1 == args.epochs
+        if rank == 0 and (last_epoch or (epoch + 1) % args.checkpoint_every == 0):
+            save_training_state(
+                checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, epoch, seed, best, data, run_time, args
+            )
+        checkpoint_time = time.time() - start
         log(
             f"epoch {epoch}: {metrics_line(metrics, args.topk)}  train loss {train_loss:.4f}  "
             f"valid loss {metrics.get('val_loss', metrics['validation_loss']):.4f}  {throughputs[-1]:,.0f} samples/s  "
-            f"train {train_time:.1f}s  eval {eval_time:.1f}s"
+            f"train {train_time:.1f}s  eval {eval_time:.1f}s  checkpoints {checkpoint_time:.1f}s"
         )
         logger.log(
             (epoch,),
@@ -426,31 +560,13 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
                 "validation_epoch_time": eval_time,
                 "eval_throughput": eval_throughputs[-1],
                 "train_loss": train_loss,
+                "checkpoint_time": checkpoint_time,
             },
         )
-        if metrics[selected] > best[best_key]:
-            best = {
-                "hr": metrics[f"hr@{args.topk}"],
-                "ndcg": metrics[f"ndcg@{args.topk}"],
-                "val_hr": metrics.get(f"val_hr@{args.topk}", -1.0),
-                "val_ndcg": metrics.get(f"val_ndcg@{args.topk}", -1.0),
-                "epoch": epoch,
-                "time": run_time,
-            }
-            if rank == 0:
-                atomic_save(model.state_dict(), checkpoint_dir / BEST_CHECKPOINT)
-        if rank == 0:
-            save_training_state(
-                checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, epoch, seed, best, data, run_time, args
-            )
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if metrics[selected] >= args.threshold:
-            target_time = run_time
-            log(f"{selected} {metrics[selected]:.4f} reached the threshold {args.threshold}; stopping")
-            break
-        if args.patience is not None and epoch - best["epoch"] >= args.patience:
-            log(f"no better {selected} for {args.patience} epochs; stopping")
+        if stop is not None:
+            log(stop)
             break
 
     summary = {"best_accuracy": best["hr"], "best_epoch": best["epoch"], "time_to_best_model": best["time"]}

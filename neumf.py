@@ -122,11 +122,12 @@ class NeuMF(nn.Module):
         time (about chunk_pairs pairs: by default 2^13 on CPU, where the per-pair tensors then stay
         in cache, and 2^20 elsewhere, where each chunk is a few large kernels).
 
-        A user's row is bit-identical whichever users are scored with it (blocks of any size, any
-        number of processes; tested on CPU): the item table's matrix product has a fixed shape, the
+        On CPU a user's row is bit-identical whichever users are scored with it (blocks of any size,
+        any number of processes; tested): the item table's matrix product has a fixed shape, the
         per-pair ones have at least C rows (MKL rounds a row differently only in products of fewer
         than about a dozen rows), and the user half and the final layer are products and sums,
-        whose rows are reduced one by one (a matrix-vector product also rounds by row count).
+        whose rows are reduced one by one (a matrix-vector product also rounds by row count). On a
+        GPU the user half is one plain matrix product instead, which does not promise this.
         """
         shared = items.dim() == 1
         n_candidates = items.shape[-1]
@@ -169,7 +170,11 @@ class NeuMF(nn.Module):
             user_part = (user_mlp * final_mlp[:half]).sum(-1, keepdim=True)
             return user_part, (self.mlp_item_embed.weight * final_mlp[half:]).sum(-1, keepdim=True)
         first = self.mlp[0]
-        user_part = _rowwise_linear(user_mlp, first.weight[:, :half]) + first.bias
+        user_weight = first.weight[:, :half]
+        if users.device.type == "cpu":
+            user_part = _rowwise_linear(user_mlp, user_weight) + first.bias
+        else:  # one kernel, not one per 16 users (the row-by-row guarantee above is a CPU one)
+            user_part = F.linear(user_mlp, user_weight, first.bias)
         item_table = F.linear(self.mlp_item_embed.weight, first.weight[:, half:])  # [n_items, hidden]
         return user_part.to(item_table.dtype), item_table  # bf16 under autocast: the next layer's input type
 

@@ -100,23 +100,52 @@ def write_results(path, results):
 
 
 def atomic_save(obj, path):
-    """torch.save into a temporary file beside `path`, then rename: readers never see half a file."""
+    """torch.save into a temporary file beside `path`, then rename: readers never see half a file.
+
+    A write that fails (a full disk, a directory that cannot be made) is a CliError naming the file,
+    and leaves no temporary file.
+    """
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    path, tmp = Path(path), None
     try:
-        torch.save(obj, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as file:  # a file object: torch.save on a path reports ENOSPC as a RuntimeError
+            torch.save(obj, file)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise CliError(f"cannot write {path}: {error.strerror or error}") from None
         raise
 
 
 def read_checkpoint(path):
-    """torch.load of a checkpoint file, with one-line errors for a missing or corrupt file."""
+    """torch.load of a checkpoint file, with one-line errors for a missing or corrupt file.
+
+    With several processes only global rank 0 reads the file and sends what it holds (or its error,
+    which every rank then raises) to the others: rank 0 wrote it, and other nodes need not share
+    its filesystem. Every rank must call this together.
+    """
+    import torch
+
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return _load_checkpoint(path)
+    state_and_error = [None, None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            state_and_error[0] = _load_checkpoint(path)
+        except CliError as error:
+            state_and_error[1] = str(error)
+    torch.distributed.broadcast_object_list(state_and_error, src=0)
+    if state_and_error[1] is not None:
+        raise CliError(state_and_error[1])
+    return state_and_error[0]
+
+
+def _load_checkpoint(path):
     import torch
 
     path = Path(path)
@@ -200,7 +229,9 @@ def init_distributed(local_rank_flag=None):
     """Join the process group when launched by torchrun / torch.distributed.launch.
 
     Returns (rank, world_size, device). Rank and world size come from the environment, so a
-    plain `python ncf.py` is a world of one and multi-node launches shard by global rank.
+    plain `python ncf.py` is a world of one and multi-node launches shard by global rank. On CUDA
+    each process takes the GPU numbered by its local rank among those it sees; a local rank without
+    a GPU is an error, not a GPU shared with another process.
     """
     import torch
 
@@ -208,7 +239,13 @@ def init_distributed(local_rank_flag=None):
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_flag if local_rank_flag is not None else 0))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:  # two processes on one GPU: NCCL would fail later ("Duplicate GPU"), or crawl
+            raise CliError(
+                f"local rank {local_rank} has no GPU of its own: this process sees {gpus} GPUs; start at most "
+                f"{gpus} processes per node (torchrun --nproc_per_node), one per GPU"
+            )
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -295,7 +332,8 @@ class JsonLineLogger:
 
 
 def make_logger(path, enabled):
-    """DLLogger when it is installed (NVIDIA's containers), else the local writer of the same format."""
+    """DLLogger when it is installed (NVIDIA's containers), else the local writer of the same format;
+    either appends to the log."""
     if not enabled:
         return JsonLineLogger(None)
     try:
@@ -310,13 +348,17 @@ def make_logger(path, enabled):
 
     class _DLLoggerAdapter:
         def __init__(self):
-            dllogger.init(backends=[dllogger.JSONStreamBackend(dllogger.Verbosity.VERBOSE, path)])
+            # append, as the local writer: its default ("w") would wipe a resumed run's earlier epochs
+            backend = dllogger.JSONStreamBackend(dllogger.Verbosity.VERBOSE, path, append=True)
+            dllogger.init(backends=[backend])
 
-        def log(self, step, data):
+        def log(self, step, data):  # flushed, as the local writer's lines: a killed run keeps every record
             dllogger.log(step=step, data=data)
+            dllogger.flush()
 
         def metadata(self, name, meta):
             dllogger.metadata(name, meta)
+            dllogger.flush()
 
         def close(self):
             dllogger.flush()

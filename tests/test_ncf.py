@@ -5,6 +5,8 @@ Training subprocesses run with OMP_NUM_THREADS=1 (as the DDP launchers set it): 
 machine two OpenMP threads per process spin against each other and a tiny epoch takes 30x longer.
 """
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -20,8 +22,11 @@ import pytest
 import torch
 
 import ncf
+import utils
 from convert import FORMAT_VERSION
+from dataloading import TrainBatches
 from neumf import NeuMF
+from utils import CliError, Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,9 +132,9 @@ def old_launch(use_env):
     return command + ["--use_env"] * use_env
 
 
-def run_ncf(*args, log_path, launcher=None, one_thread=True, timeout=300):
+def run_ncf(*args, log_path, launcher=None, one_thread=True, timeout=300, env=None):
     """Run ncf.py from the repository root; returns its exit status, output and parsed log."""
-    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV} | (env or {})
     if one_thread:
         env["OMP_NUM_THREADS"] = "1"
     command = [*(launcher or [sys.executable]), "ncf.py", *map(str, args), "--log_path", str(log_path)]
@@ -325,15 +330,20 @@ def test_amp_trains_in_bf16_on_cpu(trained, tmp_path):
     assert (tmp_path / "model.pth").exists()
 
 
-def test_grads_accumulated_sums_micro_batches_into_one_step(trained, tmp_path):
-    common = ["--data", trained.parameters["data"], *SMALL, "-e", 1, "--dropout", 0, "--checkpoint_dir", tmp_path]
-    whole = run_ncf(*common, log_path=tmp_path / "whole.json").expect_success()
-    halves = run_ncf(*common, "-b", 512, "--grads_accumulated", 2, log_path=tmp_path / "halves.json").expect_success()
-    assert halves.parameters["grads_accumulated"] == 2
-    # two half batches per step make the same steps as whole batches (without accumulation -b 512 takes
-    # twice the steps and ends near 0.59 instead of 0.63)
-    assert halves.epochs[0]["train_loss"] == pytest.approx(whole.epochs[0]["train_loss"], rel=2e-3)
-    assert halves.epochs[0]["validation_loss"] == pytest.approx(whole.epochs[0]["validation_loss"], rel=3e-2)
+def test_grads_accumulated_with_adam_steps_as_one_larger_batch(tiny_cache, tmp_path):
+    """Adam does not see the factor G of the summed gradients (but through its eps): -b 735 with two
+    batches per step takes the 10 steps of -b 1470 (an epoch's 14,700 samples leave no partial group),
+    where -b 735 alone takes 20 and ends elsewhere (train loss 0.616 instead of 0.649)."""
+    runs = {}
+    for name, flags in {"whole": ["-b", 1470], "halves": ["-b", 735, "--grads_accumulated", 2]}.items():
+        runs[name] = run_ncf(
+            "--data", tiny_cache, *SMALL, *flags, "-e", 1, "--dropout", 0, "--checkpoint_dir", tmp_path / name,
+            log_path=tmp_path / f"{name}.json",
+        ).expect_success()  # fmt: skip
+    whole, halves = runs["whole"].epochs[0], runs["halves"].epochs[0]
+    assert runs["halves"].parameters["grads_accumulated"] == 2
+    assert halves["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
+    assert halves["validation_loss"] == pytest.approx(whole["validation_loss"], rel=1e-4)
 
 
 # --- DDP on CPU -------------------------------------------------------------------------------------
@@ -627,6 +637,11 @@ def resume_with_other_settings(cache, trained, tmp):
     ]
 
 
+def checkpoint_dir_is_a_file(cache, trained, tmp):
+    (tmp / "a_file").write_text("x")
+    return ["--data", cache, "--checkpoint_dir", tmp / "a_file"], [f"cannot write checkpoints in {tmp / 'a_file'}"]
+
+
 def gmf_start_for_neumf(cache, trained, tmp):
     torch.save(NeuMF(60, 200, 8, (16, 8), kind="gmf").state_dict(), tmp / "gmf.pth")
     return ["--data", cache, "--load_checkpoint_path", tmp / "gmf.pth"], ["holds a GMF model, not a NEUMF (--model)"]
@@ -687,6 +702,7 @@ BAD_INPUTS = [
     resume_without_training_state,
     resume_on_another_dataset,
     resume_with_other_settings,
+    checkpoint_dir_is_a_file,
     gmf_start_for_neumf,
     pretrained_of_the_wrong_kind,
     pretrained_of_another_size,
@@ -758,18 +774,466 @@ def test_real_ml100k_smoke(shared_data, tmp_path):
     assert run.epochs[0]["ndcg@10"] > 0.15
 
 
-@pytest.mark.parametrize("amp", [False, True])
-def test_apex_fused_adam_only_without_a_grad_scaler(monkeypatch, amp):
-    class FusedAdam(torch.optim.Adam):  # stands in for apex's
-        pass
+# --- in-process helpers -----------------------------------------------------------------------------
 
-    monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
-    monkeypatch.setitem(sys.modules, "apex.optimizers", types.SimpleNamespace(FusedAdam=FusedAdam))
-    args = types.SimpleNamespace(optimizer="adam", learning_rate=1e-3, beta1=0.25, beta2=0.5, eps=1e-8, amp=amp)
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # CUDA: to take ncf's CUDA branches on CPU tensors
+NO_AUTOCAST = contextlib.nullcontext()
+
+
+def quiet_progress():
+    return Progress(1, 1, "", enabled=False)
+
+
+def small_setup(cache, *flags):
+    """(args, data, model on the CPU, this epoch's batches of 256 samples) of SMALL's settings and `flags`."""
+    args = ncf.parse_args(list(map(str, ["--data", cache, *SMALL, "--dropout", 0, *flags])))
+    data = ncf.load_cache(args.data)
+    torch.manual_seed(args.seed)
+    model = ncf.make_model(args, data, CPU)
+    batches = TrainBatches(data.train, data.n_items, args.negative_samples, 256, 0, 1, CPU).epoch(seed=0)
+    return args, data, model, batches
+
+
+def train_in_process(cache, checkpoint_dir, *flags, on_epoch=None):
+    """ncf.py's training in this process, as main() runs it; returns the log's records."""
+    args = ncf.parse_args(list(map(str, ["--data", cache, *SMALL, *flags, "--checkpoint_dir", checkpoint_dir])))
+    data = ncf.load_cache(args.data)
+    torch.manual_seed(args.seed)
+    model = ncf.make_model(args, data, CPU)
+    evaluators = ncf.make_evaluators(args, data, 0, 1, CPU)
+    logger = ncf.make_logger(Path(checkpoint_dir) / "log.json", True)
+    try:
+        ncf.train(model, evaluators, data, args.seed, args, CPU, 0, 1, logger, lambda *_: None, on_epoch=on_epoch)
+    finally:
+        logger.close()
+    return read_log(Path(checkpoint_dir) / "log.json")
+
+
+def assert_same_parameters(model, other, **tolerance):
+    for (name, mine), theirs in zip(model.named_parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, msg=name, **tolerance)
+
+
+# --- --grads_accumulated: G whole batches per step, their mean losses' gradients summed ----------------
+
+
+def test_accumulated_batches_step_as_one_batch_g_times_larger_and_a_partial_group_is_dropped(tiny_cache):
+    """The documented scaling: G batches of B samples accumulate the SUM of their mean-loss gradients,
+    which is G times the mean-loss gradient of the one batch of G * B samples they make up; so plain SGD
+    with learning rate lr on the G batches steps as SGD with G * lr on the big batch. The batches after
+    the last whole group of the epoch are not trained on (the reference drops them)."""
+    G, lr = 3, 0.5
+    args, _, model, batches = small_setup(tiny_cache, "--optimizer", "sgd", "-l", lr, "--grads_accumulated", G)
+    big_batch_model = copy.deepcopy(model)
+    before = [param.detach().clone() for param in model.parameters()]
+
+    epoch = batches[: 2 * G + 1]  # two whole groups, then one batch that does not fill a group
+    scaler = ncf.make_scaler(args, CPU)
+    loss_sum, samples = ncf.train_epoch(
+        model, ncf.make_optimizer(model, args, CPU), scaler, epoch, args, NO_AUTOCAST, quiet_progress()
+    )
+    assert samples == 2 * G * 256
+
+    big_args = ncf.parse_args(list(map(str, ["--data", tiny_cache, "--optimizer", "sgd", "-l", G * lr])))
+    big_batches = [tuple(torch.cat(parts) for parts in zip(*epoch[i : i + G], strict=True)) for i in (0, G)]
+    big_loss_sum, big_samples = ncf.train_epoch(
+        big_batch_model, ncf.make_optimizer(big_batch_model, big_args, CPU), scaler, big_batches, big_args,
+        NO_AUTOCAST, quiet_progress(),
+    )  # fmt: skip
+    assert big_samples == samples
+    assert_same_parameters(model, big_batch_model, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_sum, big_loss_sum, rtol=1e-5, atol=0)  # the same forward passes
+    assert any(not torch.allclose(a, b, atol=1e-3) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_grads_accumulated_help_says_what_it_does(capsys):
+    with pytest.raises(SystemExit):
+        ncf.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    entry = help_text[help_text.rindex("--grads_accumulated") :].split(" --amp")[0]  # the entry, not the usage
+    assert "whole batches" in entry and "summed" in entry and "dropped" in entry
+
+
+def test_grads_accumulated_steps_with_ddp_as_one_larger_batch(tiny_cache, tmp_path):
+    """Two gloo ranks (DDP, no_sync within a group): -b 1470 -G 2 with SGD at lr trains the model that
+    -b 2940 does at 2 lr (each rank's local batch of 1470 is its two consecutive local batches of 735).
+    The 14,700 samples of an epoch divide evenly, so no group is partial."""
+    runs = {}
+    settings = {"accumulated": ["-b", 1470, "--grads_accumulated", 2, "-l", 0.5], "big": ["-b", 2940, "-l", 1.0]}
+    for name, flags in settings.items():
+        directory = tmp_path / name
+        runs[name] = run_ncf(
+            "--data", tiny_cache, *SMALL, *flags, "--optimizer", "sgd", "--dropout", 0, "-e", 1,
+            "--checkpoint_dir", directory, log_path=directory / "log.json", launcher=torchrun(),
+        ).expect_success()  # fmt: skip
+    accumulated, big = (state(tmp_path / name / "last.pth")["model"] for name in ("accumulated", "big"))
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-5, atol=1e-6, msg=name)
+    epochs = runs["accumulated"].epochs[0], runs["big"].epochs[0]
+    assert epochs[0]["train_loss"] == pytest.approx(epochs[1]["train_loss"], rel=1e-6)
+
+
+def test_fewer_batches_than_one_accumulation_group_is_refused(tiny_cache, tmp_path):
+    run = run_ncf(
+        "--data", tiny_cache, *SMALL, "--grads_accumulated", 16, "--checkpoint_dir", tmp_path,
+        log_path=tmp_path / "log.json",
+    )  # fmt: skip
+    assert_clean_error(run, "--grads_accumulated 16", "15 batches")
+    assert not (tmp_path / "last.pth").exists()
+
+
+# --- apex, as NVIDIA's containers have it -----------------------------------------------------------
+
+
+class FakeFusedAdam(torch.optim.Optimizer):
+    """apex.optimizers.FusedAdam's interface and state layout, with Adam's arithmetic done on the CPU:
+    its constructor's arguments, zero_grad() without arguments, the step count kept per parameter group
+    (apex's kernels take one count per group), exp_avg / exp_avg_sq per parameter, and a RuntimeError
+    from the constructor when apex was built without its CUDA extensions."""
+
+    cuda_extensions = True
+
+    def __init__(
+        self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, adam_w_mode=True,
+        weight_decay=0.0, amsgrad=False, set_grad_none=True, capturable=False, use_master=False,
+    ):  # fmt: skip
+        defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.set_grad_none = set_grad_none
+        if not self.cuda_extensions:
+            raise RuntimeError("apex.optimizers.FusedAdam requires cuda extensions")
+
+    def zero_grad(self):
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.grad = None
+
+    @torch.no_grad()
+    def step(self, closure=None, grads=None, output_params=None, scale=None, grad_norms=None, grad_scaler=None):
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            beta1, beta2 = group["betas"]
+            correction1 = 1 - beta1 ** group["step"] if group["bias_correction"] else 1.0
+            correction2 = 1 - beta2 ** group["step"] if group["bias_correction"] else 1.0
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(param), torch.zeros_like(param)
+                state["exp_avg"].mul_(beta1).add_(param.grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+                denominator = (state["exp_avg_sq"] / correction2).sqrt_().add_(group["eps"])
+                param.addcdiv_(state["exp_avg"] / correction1, denominator, value=-group["lr"])
+
+
+@pytest.fixture
+def apex(monkeypatch):
+    """apex importable, with FakeFusedAdam as apex.optimizers.FusedAdam."""
+    package, optimizers = types.ModuleType("apex"), types.ModuleType("apex.optimizers")
+    optimizers.FusedAdam, package.optimizers = FakeFusedAdam, optimizers
+    monkeypatch.setitem(sys.modules, "apex", package)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", optimizers)
+    monkeypatch.setattr(FakeFusedAdam, "cuda_extensions", True)
+    return optimizers
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_apex_fused_adam_only_without_a_grad_scaler(apex, amp):
+    args = ncf.parse_args(["--data", "unused", *(["--amp"] if amp else [])])
     model = torch.nn.Linear(2, 1)
-    on_cuda = ncf.make_optimizer(model, args, torch.device("cuda"))
+    on_cuda = ncf.make_optimizer(model, args, CUDA)
     # with --amp, GradScaler would sync with the host every step around apex's optimizer
-    assert type(on_cuda) is (torch.optim.Adam if amp else FusedAdam)
-    on_cpu = ncf.make_optimizer(model, args, torch.device("cpu"))
+    assert type(on_cuda) is (torch.optim.Adam if amp else FakeFusedAdam)
+    assert on_cuda.defaults["betas"] == (0.25, 0.5) and on_cuda.defaults["lr"] == 0.0045
+    on_cpu = ncf.make_optimizer(model, args, CPU)
     assert type(on_cpu) is torch.optim.Adam and on_cpu.defaults["fused"]
     assert on_cpu.defaults["betas"] == (0.25, 0.5)
+
+
+def test_apex_fused_adam_trains_through_train_epoch(apex, tiny_cache):
+    """ncf's CUDA branch with apex's optimizer, on CPU tensors: its zero_grad() takes no set_to_none."""
+    args, _, model, batches = small_setup(tiny_cache)
+    optimizer = ncf.make_optimizer(model, args, CUDA)
+    assert type(optimizer) is FakeFusedAdam
+    before = [param.detach().clone() for param in model.parameters()]
+    for _ in range(2):
+        ncf.train_epoch(model, optimizer, ncf.make_scaler(args, CUDA), batches, args, NO_AUTOCAST, quiet_progress())
+    assert optimizer.param_groups[0]["step"] == 2 * len(batches)
+    assert all(param.grad is None for param in model.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_apex_without_its_cuda_extensions_falls_back_to_torch_fused_adam(apex, monkeypatch, capsys):
+    monkeypatch.setattr(FakeFusedAdam, "cuda_extensions", False)
+    ncf.note.cache_clear()
+    args = ncf.parse_args(["--data", "unused"])
+    for _ in range(2):
+        optimizer = ncf.make_optimizer(torch.nn.Linear(2, 1), args, CUDA)
+        assert type(optimizer) is torch.optim.Adam and optimizer.defaults["fused"]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1  # said once
+    assert "requires cuda extensions" in lines[0] and "torch's fused Adam" in lines[0]
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [("apex", "torch"), ("torch", "apex")])
+def test_resume_converts_the_adam_state_between_apex_and_torch(apex, tiny_cache, tmp_path, saved_by, resumed_by):
+    """A run saved with apex's FusedAdam (step count per group) continues under torch's fused Adam (per
+    parameter), and the reverse, as if uninterrupted: the bias correction continues from the saved step."""
+    devices = {"apex": CUDA, "torch": CPU}  # make_optimizer picks apex on CUDA only
+    args, data, model, batches = small_setup(tiny_cache, "-l", 0.01)
+    scaler = ncf.make_scaler(args, CPU)
+    optimizer = ncf.make_optimizer(model, args, devices[saved_by])
+    ncf.train_epoch(model, optimizer, scaler, batches[:5], args, NO_AUTOCAST, quiet_progress())
+    best = {"hr": 0.0, "val_hr": -1.0, "epoch": 0, "time": 0.0}
+    ncf.save_training_state(tmp_path / "last.pth", model, optimizer, scaler, 0, 1, best, data, 0.0, args)
+    ncf.train_epoch(model, optimizer, scaler, batches[5:8], args, NO_AUTOCAST, quiet_progress())
+
+    resumed = ncf.make_model(args, data, CPU)
+    resumed_optimizer = ncf.make_optimizer(resumed, args, devices[resumed_by])
+    assert (type(optimizer), type(resumed_optimizer)) != (FakeFusedAdam,) * 2
+    ncf.load_training_state(tmp_path / "last.pth", resumed, resumed_optimizer, scaler, data, args)
+    ncf.train_epoch(resumed, resumed_optimizer, scaler, batches[5:8], args, NO_AUTOCAST, quiet_progress())
+    assert_same_parameters(resumed, model)
+    if resumed_by == "torch":
+        assert resumed_optimizer.param_groups[0]["fused"]  # still the fused implementation
+        assert {int(s["step"]) for s in resumed_optimizer.state.values()} == {8}
+    else:
+        assert resumed_optimizer.param_groups[0]["step"] == 8
+
+
+def test_resume_refuses_an_adam_state_whose_parameters_took_different_numbers_of_steps(apex, tiny_cache, tmp_path):
+    args, data, model, batches = small_setup(tiny_cache)
+    scaler = ncf.make_scaler(args, CPU)
+    optimizer = ncf.make_optimizer(model, args, CPU)
+    ncf.train_epoch(model, optimizer, scaler, batches[:2], args, NO_AUTOCAST, quiet_progress())
+    next(iter(optimizer.state.values()))["step"] += 1
+    best = {"hr": 0.0, "val_hr": -1.0, "epoch": 0, "time": 0.0}
+    ncf.save_training_state(tmp_path / "last.pth", model, optimizer, scaler, 0, 1, best, data, 0.0, args)
+    with pytest.raises(CliError, match="different numbers of steps"):
+        ncf.load_training_state(tmp_path / "last.pth", model, ncf.make_optimizer(model, args, CUDA), scaler, data, args)
+
+
+def test_loss_scale_state_crosses_precisions_through_a_checkpoint(tiny_cache, tmp_path):
+    """A CPU --amp run (bf16, its scaler disabled) resumed on CUDA (fp16, scaler enabled), and the reverse."""
+    args, data, model, _ = small_setup(tiny_cache)
+    optimizer = ncf.make_optimizer(model, args, CPU)
+    best = {"hr": 0.0, "val_hr": -1.0, "epoch": 0, "time": 0.0}
+
+    def through_checkpoint(saved, resumed):
+        ncf.save_training_state(tmp_path / "last.pth", model, optimizer, saved, 0, 1, best, data, 0.0, args)
+        ncf.load_training_state(tmp_path / "last.pth", model, optimizer, resumed, data, args)
+        return resumed
+
+    def enabled(**settings):
+        return torch.amp.GradScaler("cpu", enabled=True, **settings)
+
+    def disabled():
+        return torch.amp.GradScaler("cpu", enabled=False)
+
+    scaled = enabled(init_scale=1024.0, growth_interval=7)
+    assert through_checkpoint(scaled, enabled()).state_dict() == scaled.state_dict()  # the scale continues
+    assert through_checkpoint(scaled, disabled()).state_dict() == {}  # bf16 / fp32 need none
+    fresh = through_checkpoint(disabled(), enabled())  # the run had no loss scale: a new one starts
+    assert fresh.is_enabled() and fresh.state_dict() == enabled().state_dict()
+
+
+# --- logs through NVIDIA's dllogger -----------------------------------------------------------------
+
+FAKE_DLLOGGER = '''"""NVIDIA's dllogger as far as ncf.py uses it: its signatures, and its JSONStreamBackend
+opening the log with "w" unless append=True."""
+import json
+
+
+class Verbosity:
+    OFF, DEFAULT, VERBOSE = -1, 0, 1
+
+
+class JSONStreamBackend:
+    def __init__(self, verbosity, filename, append=False):
+        self.verbosity = verbosity
+        self.file = open(filename, "a" if append else "w")
+
+    def log(self, step, data):
+        self.file.write("DLLL " + json.dumps({"type": "LOG", "step": step, "data": data}) + "\\n")
+
+    def metadata(self, metric, metadata):
+        self.file.write("DLLL " + json.dumps({"type": "METADATA", "metric": metric, "metadata": metadata}) + "\\n")
+
+    def flush(self):
+        self.file.flush()
+
+
+_backends = []
+
+
+def init(backends):
+    _backends[:] = backends
+
+
+def log(step, data, verbosity=1):
+    for backend in _backends:
+        if backend.verbosity >= verbosity:
+            backend.log(step, data)
+
+
+def metadata(metric, metadata):
+    for backend in _backends:
+        backend.metadata(metric, metadata)
+
+
+def flush():
+    for backend in _backends:
+        backend.flush()
+'''
+
+
+def fake_dllogger(directory):
+    """A directory holding the dllogger package FAKE_DLLOGGER, for sys.path / PYTHONPATH."""
+    package = directory / "site" / "dllogger"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_DLLOGGER)
+    return package.parent
+
+
+def test_resume_appends_to_the_log_through_nvidia_dllogger(tiny_cache, tmp_path):
+    env = {"PYTHONPATH": str(fake_dllogger(tmp_path))}
+    common = ["--data", tiny_cache, *SMALL, "--checkpoint_dir", tmp_path]
+    run_ncf(*common, "-e", 1, log_path=tmp_path / "log.json", env=env).expect_success()
+    resumed = run_ncf(*common, "-e", 2, "--resume", log_path=tmp_path / "log.json", env=env).expect_success()
+    assert "timestamp" not in resumed.log[0]  # written by dllogger, not by ncf's own writer
+    assert [r["step"] for r in resumed.log if r["step"] == "PARAMETER"] == ["PARAMETER"] * 2
+    assert [r["step"] for r in resumed.log if isinstance(r["step"], list) and r["step"]] == [[0], [1]]
+
+
+def test_dllogger_records_reach_the_file_when_logged(tmp_path, monkeypatch):
+    """dllogger's file is block-buffered: unflushed, a killed run would lose its latest epochs (and
+    leave half a line for a --resume to append to)."""
+    monkeypatch.syspath_prepend(str(fake_dllogger(tmp_path)))
+    monkeypatch.delitem(sys.modules, "dllogger", raising=False)
+    logger = utils.make_logger(tmp_path / "log.json", True)
+    logger.log("PARAMETER", {"seed": 1})
+    logger.log((0,), {"hr@10": 0.5})
+    assert [r["step"] for r in read_log(tmp_path / "log.json")] == ["PARAMETER", [0]]
+    logger.close()
+
+
+# --- several processes and GPUs ---------------------------------------------------------------------
+
+READ_ON_EVERY_RANK = """
+import json
+import sys
+from pathlib import Path
+
+from utils import CliError, init_distributed, read_checkpoint, run_main
+
+
+def main():
+    rank, _, _ = init_distributed()
+    path = sys.argv[1] if rank == 0 else sys.argv[2]  # the other node has no file at rank 0's path
+    try:
+        result = {name: tensor.tolist() for name, tensor in read_checkpoint(path).items()}
+    except CliError as error:
+        result = {"error": str(error)}
+    Path(sys.argv[3], f"{rank}.json").write_text(json.dumps(result))
+
+
+run_main(main)
+"""
+
+
+@pytest.mark.parametrize("checkpoint", ["good", "corrupt"])
+def test_checkpoints_are_read_on_rank_0_and_sent_to_the_other_ranks(tmp_path, checkpoint):
+    """Nodes without a shared filesystem: only rank 0's node has the checkpoints it wrote."""
+    script = tmp_path / "read.py"
+    script.write_text(READ_ON_EVERY_RANK)
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    torch.save(weights, tmp_path / "model.pth")
+    if checkpoint == "corrupt":
+        (tmp_path / "model.pth").write_bytes((tmp_path / "model.pth").read_bytes()[:100])
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    env |= {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [*torchrun(), str(script), str(tmp_path / "model.pth"), str(tmp_path / "absent.pth"), str(tmp_path)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert results[0] == results[1]
+    if checkpoint == "good":
+        assert results[0] == {"w": weights["w"].tolist()}
+    else:
+        assert "is corrupt" in results[0]["error"] and "model.pth" in results[0]["error"]
+
+
+@pytest.fixture
+def two_fake_gpus(monkeypatch):
+    """A node with two CUDA devices, as far as init_distributed asks; the devices it selects, recorded."""
+    selected = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    for name in DISTRIBUTED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return selected
+
+
+def test_more_processes_than_gpus_on_a_node_is_an_error(two_fake_gpus, monkeypatch):
+    def no_group(*args, **kwargs):
+        raise AssertionError("init_process_group must not be reached")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", no_group)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(CliError, match=r"local rank 2 .* 2 GPUs"):
+        utils.init_distributed()
+    assert two_fake_gpus == []  # no GPU shared with local rank 0
+
+
+def test_each_local_rank_gets_its_own_gpu(two_fake_gpus, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert utils.init_distributed() == (0, 1, torch.device("cuda", 1))
+    assert two_fake_gpus == [torch.device("cuda", 1)]
+
+
+# --- checkpoint writes ------------------------------------------------------------------------------
+
+
+def test_checkpoint_every_n_epochs_always_writes_the_last_and_resumes_exactly(tiny_cache, tmp_path, monkeypatch):
+    written = []
+    save = ncf.save_training_state
+
+    def recorded(path, model, optimizer, scaler, epoch, *rest):
+        written.append(epoch)
+        save(path, model, optimizer, scaler, epoch, *rest)
+
+    monkeypatch.setattr(ncf, "save_training_state", recorded)
+    log = train_in_process(tiny_cache, tmp_path / "whole", "-e", 5, "--checkpoint_every", 2)
+    assert written == [1, 3, 4]  # epochs 2 and 4 of 5, and the last
+    epochs = [r["data"] for r in log if isinstance(r["step"], list) and r["step"]]
+    assert len(epochs) == 5 and all(data["checkpoint_time"] >= 0 for data in epochs)
+
+    def crash_after_epoch_2(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(
+            tiny_cache, tmp_path / "resumed", "-e", 5, "--checkpoint_every", 2, on_epoch=crash_after_epoch_2
+        )
+    assert state(tmp_path / "resumed" / "last.pth")["epochs_done"] == 2  # epoch 2 was not written
+    log = train_in_process(tiny_cache, tmp_path / "resumed", "-e", 5, "--checkpoint_every", 2, "--resume")
+    assert [r["step"] for r in log if isinstance(r["step"], list) and r["step"]][-3:] == [[2], [3], [4]]
+    for name in ("last.pth", "model.pth"):
+        whole, resumed = state(tmp_path / "whole" / name), state(tmp_path / "resumed" / name)
+        assert_same_tensors(whole.get("model", whole), resumed.get("model", resumed))
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def disk_full(obj, file):
+        file.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CliError, match="cannot write .*model.pth: No space left on device"):
+        utils.atomic_save({}, tmp_path / "model.pth")
+    assert list(tmp_path.iterdir()) == []

@@ -281,3 +281,28 @@ def test_embedding_l2_sums_the_rows_each_sample_uses(kind):
 def test_unknown_kind_is_rejected():
     with pytest.raises(ValueError, match="kind"):
         small_model(kind="ncf")
+
+
+def test_score_grid_takes_the_first_layer_row_by_row_on_cpu_only(monkeypatch):
+    """On a GPU the per-row loop of the first layer's user half would launch a kernel per 16 users;
+    there the plain product runs (a meta tensor stands in for a CUDA one), with the same values."""
+    import neumf
+
+    model = small_model().eval()
+    users, items = torch.arange(13), torch.arange(17)
+    user_mlp = model.mlp_user_embed(users)
+    weight = model.mlp[0].weight[:, : user_mlp.shape[1]]
+    torch.testing.assert_close(neumf._rowwise_linear(user_mlp, weight), F.linear(user_mlp, weight))
+
+    rowwise_calls = []
+
+    def rowwise(x, weight):
+        rowwise_calls.append(x.device.type)
+        return F.linear(x, weight)
+
+    monkeypatch.setattr(neumf, "_rowwise_linear", rowwise)
+    with torch.no_grad():
+        model.score_grid(users, items)
+        assert rowwise_calls == ["cpu"]
+        assert model.to("meta").score_grid(users.to("meta"), items.to("meta")).shape == (13, 17)
+    assert rowwise_calls == ["cpu"]
