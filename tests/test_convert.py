@@ -1053,7 +1053,7 @@ def test_every_tensor_file_of_a_cache_loads_memory_mapped(tmp_path):
 
 def test_numeric_files_convert_without_pandas_and_import_torch_off_the_main_thread(tmp_path):
     """pandas is needed only by string ids; torch, which writes the tensors, is imported by a background
-    thread while the main thread reads and processes the file (both imports cost seconds on ML-20m's scale)."""
+    thread while the main thread reads and processes the file."""
     ratings = tmp_path / "ratings.csv"
     ratings.write_text("userId,movieId,rating,timestamp\n" + "".join(f"1,{i},4.0,{i}\n" for i in range(30)))
     code = """
