@@ -16,27 +16,27 @@ Pipeline (docs: README "Data preparation"):
 The cache directory holds train_ratings.pt [N_train, 2], test_ratings.pt [N_users, 2],
 test_negatives.pt [N_users, valid_negative] (int32, user and item columns), user_ids.csv and
 item_ids.csv (line k is the raw id of dense id k) and metadata.json; with --validation also
-valid_ratings.pt [N_users, 2] and valid_negatives.pt [N_users, valid_negative]. It is written to a
-temporary directory and renamed into place, so an interrupted run never leaves a cache that loads.
+valid_ratings.pt [N_users, 2] and valid_negatives.pt [N_users, valid_negative]; the tensors are files of
+torch.save. The cache is written to a temporary directory beside --output, then swapped in by two renames:
+an interrupted run never leaves a half-written cache at --output. One killed between the two renames leaves
+none there; the next run of convert.py (--check included) moves the old cache back, and every run removes
+the temporary directories that killed runs left.
 
 --format ncf-paper reads the split the NCF paper published instead (NAME.train.rating, NAME.test.rating,
 NAME.test.negative side by side) and keeps its ids, test items and negatives as they are.
 """
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import math
 import os
-import pickle
 import re
 import shutil
-import struct
-import sys
 import tempfile
-import threading
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -99,7 +99,10 @@ def parse_args():
         help="also hold out each user's second-latest interaction (valid_ratings.pt, valid_negatives.pt)",
     )
     parser.add_argument(
-        "--check", action="store_true", help="only check that --output holds a valid cache (exit 0) or not (exit 2)"
+        "--check",
+        action="store_true",
+        help="only check that --output holds a valid cache (exit 0) or not (exit 2), after restoring one that an "
+        "interrupted run had moved aside",
     )
     args = parser.parse_args()
     if args.path is None and not args.check:
@@ -331,14 +334,17 @@ def diagnose(path, fmt, with_rating=False):
     return None
 
 
-def sha256_of(paths, result):
+def sha256_of(paths):
     """The SHA-256 of the files' bytes one after the other (what `cat PATHS | sha256sum` prints)."""
     digest, buffer = hashlib.sha256(), memoryview(bytearray(1 << 20))  # one buffer: no allocation per read
     for path in paths:
-        with open(path, "rb", buffering=0) as file:
-            while size := file.readinto(buffer):
-                digest.update(buffer[:size])
-    result.append(digest.hexdigest())
+        try:
+            with open(path, "rb", buffering=0) as file:
+                while size := file.readinto(buffer):
+                    digest.update(buffer[:size])
+        except OSError as error:
+            raise CliError(f"cannot read {path} to hash it: {error.strerror}") from None
+    return digest.hexdigest()
 
 
 def ncf_paper_paths(path):
@@ -888,44 +894,20 @@ def read_metadata(cache_dir):
     return meta
 
 
+def import_torch():
+    """torch, which writes the tensors; main() imports it in a thread while the file is read, as the import
+    takes about as long as converting a file of millions of ratings."""
+    try:
+        import torch
+    except ImportError as error:
+        raise CliError(f"cannot import torch, which writes the cache's tensors ({error})") from None
+    return torch
+
+
 def save_tensor(array, path):
-    """Save an int32 numpy array as a file that torch.load reads as a tensor of the same shape.
-
-    The file is what torch.save writes (the zip layout of PyTorch 1.6, which every later PyTorch
-    reads): a pickle that rebuilds the tensor from storage record 0, and the array's bytes as that
-    record. Writing it here keeps torch out of convert.py, whose import takes over a second.
-    """
-    array = np.ascontiguousarray(array, dtype=np.int32)
-    storage = pickle.MARK + pickle_str("storage") + pickle.GLOBAL + b"torch\nIntStorage\n" + pickle_str("0")
-    storage += pickle_str("cpu") + pickle_int(array.size) + pickle.TUPLE
-    rebuild_args = pickle.MARK + storage + pickle.BINPERSID + pickle_int(0)  # storage, offset
-    rebuild_args += pickle_tuple(array.shape) + pickle_tuple(np.array(array.strides) // array.itemsize)
-    rebuild_args += pickle.NEWFALSE + pickle.GLOBAL + b"collections\nOrderedDict\n" + pickle.EMPTY_TUPLE
-    rebuild_args += pickle.REDUCE + pickle.TUPLE  # requires_grad False, no backward hooks
-    rebuild = pickle.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n" + rebuild_args + pickle.REDUCE
-    records = {
-        "data.pkl": pickle.PROTO + b"\x02" + rebuild + pickle.STOP,
-        "byteorder": sys.byteorder.encode(),
-        "version": b"3\n",
-        "data/0": array.reshape(-1).view(np.uint8),
-    }
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        for name, data in records.items():
-            # a fixed date: the same cache gives the same bytes
-            archive.writestr(zipfile.ZipInfo(f"{Path(path).stem}/{name}", date_time=(1980, 1, 1, 0, 0, 0)), data)
-
-
-def pickle_int(value):
-    return pickle.dumps(int(value), protocol=2)[2:-1]  # the opcode that pushes the int, without PROTO and STOP
-
-
-def pickle_str(text):
-    encoded = text.encode()
-    return pickle.BINUNICODE + struct.pack("<I", len(encoded)) + encoded
-
-
-def pickle_tuple(values):
-    return pickle.MARK + b"".join(pickle_int(value) for value in values) + pickle.TUPLE
+    """torch.save of an array as a contiguous int32 tensor (no copy when it is one already)."""
+    torch = import_torch()
+    torch.save(torch.from_numpy(np.ascontiguousarray(array, dtype=np.int32)), path)
 
 
 def write_id_map(path, raw_ids):
@@ -936,46 +918,128 @@ def write_id_map(path, raw_ids):
         writer.writerows([raw_id] for raw_id in raw_ids.tolist())
 
 
+@contextlib.contextmanager
+def locked_temp_dir(parent, prefix):
+    """A new directory in parent, locked while the context lasts (recover_output leaves it alone; the kernel
+    drops the lock when the process dies, however it dies), then removed if it is still there."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def claimed(path):
+    """Whether path was left by a run that is gone (its lock is free), holding the lock meanwhile."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # gone already
+        yield False
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a running conversion's
+        os.close(descriptor)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.close(descriptor)
+
+
+def leftover_dirs(output):
+    """The temporary directories write_cache makes beside output: .NAME.tmp-* (a new cache, complete or not)
+    and .NAME.old-* (the cache it replaces, in .NAME.old-*/NAME while the new one is moved in)."""
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.(tmp|old)-[a-z0-9_]{{8}}")
+    try:
+        return sorted(path for path in output.parent.iterdir() if pattern.fullmatch(path.name) and path.is_dir())
+    except OSError:  # no such directory, or not readable: nothing to recover there
+        return []
+
+
+def is_complete(cache_dir):
+    try:
+        read_metadata(cache_dir)
+    except CliError:
+        return False
+    return True
+
+
+def recover_output(output):
+    """Clean up after runs killed while writing to output: when output is missing because a run was killed
+    between its two renames, move the old cache it had moved aside back; remove every directory those runs
+    left. Directories of a conversion still running are left alone."""
+    output = Path(output)
+    for path in leftover_dirs(output):
+        with claimed(path) as stale:
+            if not stale:
+                continue
+            moved_aside = path / output.name
+            if path.name.startswith(f".{output.name}.old-") and not output.exists() and is_complete(moved_aside):
+                try:
+                    os.replace(moved_aside, output)
+                except OSError as error:
+                    raise CliError(
+                        f"cannot move the cache in {moved_aside} back to {output}: {error.strerror}"
+                    ) from None
+                print(f"note: {output}: restored the cache that an interrupted run had moved aside")
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def write_cache(output, cache, meta):
-    """Write into a temporary sibling directory, then swap it in: never a half-written cache."""
+    """Write into a temporary sibling directory, then swap it in: never a half-written cache at output.
+
+    The swap is two renames (the old cache aside, the new one in); a run killed between them leaves no
+    cache at output, and the next run puts the old one back (recover_output)."""
     output = Path(output)
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / METADATA_FILE).exists())):
         raise CliError(f"{output} exists and is not a data cache; choose another --output")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+        with locked_temp_dir(output.parent, f".{output.name}.tmp-") as tmp:
+            write_cache_files(tmp, cache, meta)
+            if output.exists():
+                with locked_temp_dir(output.parent, f".{output.name}.old-") as old:
+                    swap_in(tmp, output, old)
+            else:
+                os.replace(tmp, output)
     except OSError as error:
-        raise CliError(f"cannot write to {output.parent}: {error.strerror}") from None
-    try:
-        umask = os.umask(0)  # the cache gets the usual permissions, not mkdtemp's 0o700
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        save_tensor(cache["train"], tmp / TRAIN_FILE)
-        save_tensor(cache["test"], tmp / TEST_FILE)
-        save_tensor(cache["negatives"], tmp / NEGATIVES_FILE)
-        if "valid" in cache:
-            save_tensor(cache["valid"], tmp / VALID_FILE)
-            save_tensor(cache["valid_negatives"], tmp / VALID_NEGATIVES_FILE)
-        write_id_map(tmp / USER_IDS_FILE, cache["user_ids"])
-        write_id_map(tmp / ITEM_IDS_FILE, cache["item_ids"])
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        old = None
-        if output.exists():
-            old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
-            os.replace(output, old / output.name)
-        os.replace(tmp, output)
-        if old is not None:
-            shutil.rmtree(old)
-    except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CliError(f"cannot write the cache to {output}: {error.strerror}") from None
+
+
+def write_cache_files(directory, cache, meta):
+    umask = os.umask(0)  # the cache gets the usual permissions, not mkdtemp's 0o700
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    save_tensor(cache["train"], directory / TRAIN_FILE)
+    save_tensor(cache["test"], directory / TEST_FILE)
+    save_tensor(cache["negatives"], directory / NEGATIVES_FILE)
+    if "valid" in cache:
+        save_tensor(cache["valid"], directory / VALID_FILE)
+        save_tensor(cache["valid_negatives"], directory / VALID_NEGATIVES_FILE)
+    write_id_map(directory / USER_IDS_FILE, cache["user_ids"])
+    write_id_map(directory / ITEM_IDS_FILE, cache["item_ids"])
+    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # last: it marks a complete cache
+
+
+def swap_in(new, output, old):
+    """Replace the cache at output by the one in new, moving the old one into old on the way."""
+    os.replace(output, old / output.name)
+    try:
+        os.replace(new, output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.replace(old / output.name, output)
         raise
 
 
 def main():
     args = parse_args()
+    recover_output(args.output)
     if args.check:
         read_metadata(args.output)
         print(f"{args.output} holds a valid cache")
@@ -995,32 +1059,35 @@ def main():
         raise CliError("--seed must be non-negative")
     if args.rating_threshold is not None and not math.isfinite(args.rating_threshold):
         raise CliError("--rating_threshold must be a finite number")
-    digest, notes = [], []
-    if fmt == "ncf-paper":
-        paths = ncf_paper_paths(args.path)
-        cache, n_ratings_read, notes = build_ncf_paper(*paths, args.seed, args.validation)
-        sha256_of(paths, digest)  # the three files, one after the other
-        min_ratings, valid_negative = None, cache["negatives"].shape[1]
-    else:
-        columns = read_ratings(args.path, fmt, with_rating=args.rating_threshold is not None)
-        n_ratings_read = sum(len(chunk) for chunk in columns[0])
-        if args.rating_threshold is not None:
-            columns = rated_at_least(args.rating_threshold, *columns)
-            n_kept = sum(len(chunk) for chunk in columns[0])
-            print(f"--rating_threshold {args.rating_threshold:g}: {n_kept:,} of the {n_ratings_read:,} ratings kept")
-        # hash the file beside the processing, whose single-threaded steps leave a core free
-        hasher = threading.Thread(target=sha256_of, args=([args.path], digest))
-        hasher.start()
-        cache = build(*columns, min_ratings, valid_negative, args.seed, args.validation)
-        # free the file's columns before writing: the cache files' pages reuse their memory while it is warm
-        del columns
-        pa.default_memory_pool().release_unused()
-        hasher.join()
+    with ThreadPoolExecutor(2) as background:
+        torch_imported = background.submit(import_torch)  # meanwhile the file is read and processed
+        if fmt == "ncf-paper":
+            paths = ncf_paper_paths(args.path)
+            cache, n_ratings_read, notes = build_ncf_paper(*paths, args.seed, args.validation)
+            digest = sha256_of(paths)  # the three files, one after the other
+            min_ratings, valid_negative = None, cache["negatives"].shape[1]
+        else:
+            columns = read_ratings(args.path, fmt, with_rating=args.rating_threshold is not None)
+            n_ratings_read = sum(len(chunk) for chunk in columns[0])
+            if args.rating_threshold is not None:
+                columns = rated_at_least(args.rating_threshold, *columns)
+                n_kept = sum(len(chunk) for chunk in columns[0])
+                print(
+                    f"--rating_threshold {args.rating_threshold:g}: {n_kept:,} of the {n_ratings_read:,} ratings kept"
+                )
+            # hash the file beside the processing, whose single-threaded steps leave a core free
+            hashed = background.submit(sha256_of, [args.path])
+            cache = build(*columns, min_ratings, valid_negative, args.seed, args.validation)
+            # free the file's columns before writing: the cache files' pages reuse their memory while it is warm
+            del columns
+            pa.default_memory_pool().release_unused()
+            digest, notes = hashed.result(), []  # result() raises what the thread raised
+        torch_imported.result()
     meta = {
         "format_version": FORMAT_VERSION,
         "format": fmt,
         "source": Path(args.path).name,
-        "source_sha256": digest[0],
+        "source_sha256": digest,
         "n_ratings_read": n_ratings_read,
         "n_users": len(cache["user_ids"]),
         "n_items": len(cache["item_ids"]),
@@ -1032,9 +1099,9 @@ def main():
         "user_id_type": "int" if cache["user_ids"].dtype.kind == "i" else "str",
         "item_id_type": "int" if cache["item_ids"].dtype.kind == "i" else "str",
     }
-    if args.validation:  # no key without a split: those caches stay byte-identical to earlier ones
+    if args.validation:  # no key without a split: those caches keep the contents of earlier ones
         meta["validation"] = True
-    if args.rating_threshold is not None:  # no key without it: those caches stay byte-identical
+    if args.rating_threshold is not None:  # no key without it: those caches keep their contents
         meta["rating_threshold"] = args.rating_threshold
     write_cache(args.output, cache, meta)
     counts = f"{meta['n_train']:,} training" + (f", {meta['n_users']:,} validation" if args.validation else "")

@@ -7,7 +7,8 @@
 # kept as DIR/NAME.zip and unpacked in DIR, as GroupLens lays it out: DIR/ml-20m/ratings.csv,
 # DIR/ml-1m/ratings.dat, DIR/ml-100k/u.data. The download goes to DIR/NAME.zip.part and is renamed
 # to DIR/NAME.zip only once its checksum is right, and unpacking happens in a temporary folder that
-# is moved into place at the end, so an interrupted run never leaves files that look complete.
+# is moved into place at the end, so an interrupted run never leaves files that look complete; the
+# next run removes the temporary folder of a run that was killed.
 # Without a network: download the zip by hand, put it at DIR/NAME.zip and run this again.
 #
 # Environment (mainly for mirrors and tests):
@@ -82,6 +83,15 @@ if ! mkdir -p "$dir" 2> /dev/null || [ ! -w "$dir" ]; then
     exit 1
 fi
 
+# Unpacking happens in DIR/.unpack.PID: remove those of runs that were killed (their process is gone).
+for stale in "$dir"/.unpack.*; do
+    [ -d "$stale" ] || continue
+    pid="${stale##*.}"
+    if ! [[ "$pid" =~ ^[0-9]+$ ]] || ! kill -0 "$pid" 2> /dev/null; then
+        rm -rf "$stale" 2> /dev/null || true
+    fi
+done
+
 # 1. Get a verified zip at $zip.
 if [ -f "$zip" ]; then
     have_md5="$(md5_of "$zip")"
@@ -136,8 +146,10 @@ if [ -f "$dir/$raw_file" ]; then
     echo "$dir/$raw_file is ready"
     exit 0
 fi
-unpack_dir="$(mktemp -d "$dir/.unpack.XXXXXX")"
+unpack_dir="$dir/.unpack.$$"
 cleanup_paths+=("$unpack_dir")
+rm -rf "$unpack_dir"
+mkdir "$unpack_dir"
 if command -v unzip > /dev/null 2>&1; then
     unzip -q -o "$zip" -d "$unpack_dir" || { err "cannot unpack $zip (is it a zip?)"; exit 1; }
 else

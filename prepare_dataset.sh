@@ -10,7 +10,8 @@
 # RAW_DIR defaults to $DATA_ROOT/<name>, CACHE_DIR to $DATA_ROOT/cache/<name>; $DATA_ROOT defaults
 # to ./data next to this script. Relative paths are taken from the directory you call it from.
 #
-# Steps: 1. if CACHE_DIR holds a valid cache, stop there (delete it to rebuild);
+# Steps: 1. if CACHE_DIR holds a valid cache, stop there (delete it to rebuild); a cache that an
+#           interrupted conversion left moved aside is put back first (convert.py --check);
 #        2. find the raw ratings in RAW_DIR as GroupLens lays them out (ml-20m/ratings.csv,
 #           ml-1m/ratings.dat, ml-100k/u.data; or the file right in RAW_DIR), else have
 #           download_dataset.sh unpack RAW_DIR/<name>.zip (md5-checked) or download it;
@@ -106,9 +107,9 @@ else
     fi
 fi
 
-# 1. A valid cache is all we need.
-if [ -f "$cache_dir/metadata.json" ] \
-    && "$python" convert.py --path "$raw_file" --output "$cache_dir" --check > /dev/null 2>&1; then
+# 1. A valid cache is all we need. convert.py --check first restores a cache that an interrupted run
+#    left moved aside, and removes the temporary directories of killed runs.
+if "$python" convert.py --path "$raw_file" --output "$cache_dir" --check > /dev/null 2>&1; then
     echo "$cache_dir: the $name cache is ready (delete it to rebuild)"
     for variable in CONVERT_ARGS SYNTHETIC_ARGS; do
         if [ -n "${!variable:-}" ]; then

@@ -1,14 +1,17 @@
 """Tests of convert.py: input formats, each pipeline step, test negatives, the cache on disk, bad input
 and the real MovieLens files (skipped when ../shared/data is absent)."""
 
+import fcntl
 import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,8 +85,16 @@ def raw_train_pairs(cache):
 
 
 def cache_digest(path):
-    """The SHA-256 of a cache's files, read in CACHE_FILES order."""
-    return hashlib.sha256(b"".join((Path(path) / name).read_bytes() for name in convert.CACHE_FILES)).hexdigest()
+    """The SHA-256 of a cache's contents, file by file in CACHE_FILES order: each tensor's type, shape and values
+    (how a file lays them out is torch.save's business), the other files' bytes."""
+    digest = hashlib.sha256()
+    for name in convert.CACHE_FILES:
+        if name.endswith(".pt"):
+            tensor = torch.load(Path(path) / name, weights_only=True)
+            digest.update(f"{tensor.dtype} {tuple(tensor.shape)}".encode() + tensor.numpy().tobytes())
+        else:
+            digest.update((Path(path) / name).read_bytes())
+    return digest.hexdigest()
 
 
 def leftovers(directory, name):
@@ -474,28 +485,25 @@ def test_sort_pair_keys_in_every_code_path():
     assert not convert.grouped_by_user(np.array([0, 1 << 10, 3]), 10)
 
 
-def test_save_tensor_files_load_in_torch(tmp_path):
-    for array in (np.arange(12, dtype=np.int32).reshape(6, 2), np.zeros((0, 2), np.int32), np.array([-5, 2**31 - 1])):
-        convert.save_tensor(array, tmp_path / "tensor.pt")
-        for mmap in (False, True):
-            tensor = torch.load(tmp_path / "tensor.pt", weights_only=True, mmap=mmap)
-            assert tensor.dtype == torch.int32 and tensor.shape == array.shape
-            assert tensor.tolist() == array.tolist()
-            assert tensor.is_contiguous()
-
-
-def test_numeric_files_convert_without_torch_or_pandas(tmp_path):
-    """Their imports cost 1 s and 0.2 s, a large part of converting ML-20m; only string ids need pandas."""
-    ratings = tmp_path / "ratings.csv"
-    ratings.write_text("userId,movieId,rating,timestamp\n" + "".join(f"1,{i},4.0,{i}\n" for i in range(30)))
-    code = (
-        "import sys; sys.argv = ['convert.py', '--path', sys.argv[1], '--output', sys.argv[2],"
-        "'--valid_negative', '5']; import convert;"
-        "convert.main(); print(sorted(m for m in ('pandas', 'torch') if m in sys.modules))"
-    )
-    result = subprocess.run([sys.executable, "-c", code, ratings, tmp_path / "cache"], cwd=ROOT, capture_output=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.decode().splitlines()[-1] == "[]"
+def test_save_tensor_writes_what_torch_save_writes(tmp_path):
+    """Byte for byte torch.save's file (its records aligned), of the array as a contiguous int32 tensor."""
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "torch").mkdir()
+    wide = np.arange(24, dtype=np.int64).reshape(6, 4)
+    arrays = {
+        "pairs": np.arange(12, dtype=np.int32).reshape(6, 2),
+        "empty": np.zeros((0, 2), np.int32),
+        "extremes": np.array([-5, 2**31 - 1], np.int32),
+        "int64 (the paper's negatives)": wide,
+        "a column slice": wide[:, 1:3],  # only the slice's values are written, not its base array
+    }
+    for name, array in arrays.items():
+        convert.save_tensor(array, tmp_path / "ours" / "tensor.pt")
+        torch.save(torch.from_numpy(np.ascontiguousarray(array, np.int32)), tmp_path / "torch" / "tensor.pt")
+        ours = (tmp_path / "ours" / "tensor.pt").read_bytes()
+        assert ours == (tmp_path / "torch" / "tensor.pt").read_bytes(), name
+        tensor = torch.load(tmp_path / "ours" / "tensor.pt", mmap=True, weights_only=True)
+        assert tensor.dtype == torch.int32 and tensor.tolist() == array.tolist(), name
 
 
 def test_dedupe_keeps_the_earliest():
@@ -715,13 +723,14 @@ def test_validation_needs_three_distinct_interactions_per_user():
     assert raw_valid_items(build(users[:3], items[:3], times[:3], validation=True)) == {1: 2}
 
 
-# Digests of caches written by convert.py before --validation existed (commit a86730c): without the flag,
-# convert.py must keep writing these very bytes.
+# Digests (cache_digest) of caches written by convert.py before --validation existed (commit a86730c; taken
+# again of commit a7e1964's caches when the tensor files became torch.save's): without the flag, convert.py
+# must keep writing these very contents.
 PINNED_DIGESTS = {
-    "no repeats": "7e80a894c26d99bf8e55960787ecd4d6163be5d991aa3979a8903eca06a607b6",
-    "repeats": "d3345ee9fbbc1915a89dbbf9cb59145f561b666b37e99ac1070494fa649a8e81",
-    "ml-100k/u.data": "f9b589c7382be749eb22a51621d2e202bf7b378805de78d21c9149340414519f",
-    "ml-1m/ratings.dat": "33f7f44d9e80f0151c058921bced5b61d19d637a5c4e48cbb06b596c71476519",
+    "no repeats": "8a26bbd936fe4ffbf99b97e6cd5ad7d711654d59f4e9c62e0f7d05ece4dbb826",
+    "repeats": "75dac8bd353edc93ec51c61e932a15b3f1d6b4a2f7577208a69f34c3bcc77e1b",
+    "ml-100k/u.data": "fcbaa14d04ed9667505299dc4c3b9a0343c0d59084e0565738c089d696556f00",
+    "ml-1m/ratings.dat": "1577aa04554f62dbbbc51bebbbc198aae043ff4b1c2bd0deb55749e541bbd5fe",
 }
 
 
@@ -740,7 +749,7 @@ def write_pinned_csv(path, repeats):
 
 
 @pytest.mark.parametrize("repeats", [False, True], ids=["no repeats", "repeats"])
-def test_without_validation_the_cache_keeps_its_bytes_and_with_it_its_test_split(tmp_path, repeats):
+def test_without_validation_the_cache_keeps_its_contents_and_with_it_its_test_split(tmp_path, repeats):
     source = write_pinned_csv(tmp_path / "ratings.csv", repeats)
     plain, split = tmp_path / "plain", tmp_path / "split"
     convert_ok("--path", source, "--output", plain, "--valid_negative", 10)
@@ -1020,6 +1029,89 @@ def test_reconverting_replaces_the_cache(small_caches, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
 
+def test_every_tensor_file_of_a_cache_loads_memory_mapped(tmp_path):
+    """torch.load(mmap=True) maps the records in place: each file holds the values the conversion computed,
+    as torch.save writes them, with the int32 data at an offset aligned for int32 reads."""
+    source = write_small_csv(tmp_path / "ratings.csv")
+    out = tmp_path / "cache"
+    convert_ok("--path", source, "--output", out, "--valid_negative", 10, "--validation")
+    expected = convert.build(*convert.read_ratings(source, "ml-20m"), 20, 10, 1, validation=True)
+    files = TENSOR_FILES | VALID_TENSOR_FILES
+    assert sorted(p.name for p in out.glob("*.pt")) == sorted(files.values())
+    (tmp_path / "again").mkdir()
+    for name, file in files.items():
+        tensor = torch.load(out / file, mmap=True, weights_only=True)
+        assert tensor.dtype == torch.int32 and np.array_equal(tensor.numpy(), expected[name]), name
+        torch.save(tensor.clone(), tmp_path / "again" / file)
+        assert (out / file).read_bytes() == (tmp_path / "again" / file).read_bytes(), name
+        with zipfile.ZipFile(out / file) as archive:
+            (record,) = (info for info in archive.infolist() if info.filename.endswith("/data/0"))
+        header = (out / file).read_bytes()[record.header_offset :][:30]  # the record's local header
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        assert (record.header_offset + 30 + name_length + extra_length) % 4 == 0, name
+
+
+def test_numeric_files_convert_without_pandas_and_import_torch_off_the_main_thread(tmp_path):
+    """pandas is needed only by string ids; torch, which writes the tensors, is imported by a background
+    thread while the main thread reads and processes the file."""
+    ratings = tmp_path / "ratings.csv"
+    ratings.write_text("userId,movieId,rating,timestamp\n" + "".join(f"1,{i},4.0,{i}\n" for i in range(30)))
+    code = """
+import sys, threading
+torch_importers = []
+class SpyOnTorch:  # asked for a module's spec before it is imported, in the importing thread
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            torch_importers.append(threading.current_thread() is threading.main_thread())
+sys.meta_path.insert(0, SpyOnTorch())
+sys.argv = ["convert.py", "--path", sys.argv[1], "--output", sys.argv[2], "--valid_negative", "5"]
+import convert
+convert.main()
+print(torch_importers, "pandas" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", code, ratings, tmp_path / "cache"], cwd=ROOT, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines()[-1] == "[False] False"  # torch by another thread, once; no pandas
+    assert convert.read_metadata(tmp_path / "cache")["n_train"] == 29
+
+
+def test_a_torch_that_cannot_be_imported_is_a_one_line_error(small_caches, tmp_path):
+    """The background import's error reaches the main thread; the cache already at --output stays."""
+    source, outputs = small_caches
+    out = tmp_path / "cache"
+    shutil.copytree(outputs["first"], out)
+    code = (
+        "import sys; sys.modules['torch'] = None; import convert, utils; sys.argv = ['convert.py', *sys.argv[1:]];"
+        "utils.run_main(convert.main)"
+    )
+    command = [sys.executable, "-c", code, "--path", source, "--output", out, "--valid_negative", "10", "--seed", "2"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert_one_line_error(result)
+    assert "cannot import torch" in result.stderr
+    assert cache_digest(out) == cache_digest(outputs["first"])
+    assert leftovers(tmp_path, "cache") == []
+
+
+def test_a_file_that_cannot_be_hashed_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """The hashing thread's error reaches the main thread (here: the file is gone once read)."""
+    source = write_small_csv(tmp_path / "ratings.csv")
+    real_read = convert.read_ratings
+
+    def read_then_delete(*args, **kwargs):
+        columns = real_read(*args, **kwargs)
+        source.unlink()
+        return columns
+
+    monkeypatch.setattr(convert, "read_ratings", read_then_delete)
+    argv = ["convert.py", "--path", str(source), "--output", str(tmp_path / "cache"), "--valid_negative", "10"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(convert.main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"convert.py: error: cannot read {source} to hash it: No such file or directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("crash", [RuntimeError, KeyboardInterrupt, OSError])
 def test_a_crash_while_writing_leaves_the_old_cache_untouched(tmp_path, monkeypatch, crash):
     source = write_small_csv(tmp_path / "ratings.csv")
@@ -1045,9 +1137,89 @@ def test_a_crash_while_writing_leaves_the_old_cache_untouched(tmp_path, monkeypa
     assert convert.read_metadata(out)["seed"] == 1
     assert leftovers(tmp_path, "cache") == []
     # without the crash the new cache replaces the old one, and nothing else is left behind
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(convert, "save_tensor", real_save)
     convert.write_cache(out, cache, {**meta, "seed": 2})
     assert convert.read_metadata(out)["seed"] == 2
+    assert leftovers(tmp_path, "cache") == []
+
+
+def move_aside_as_a_killed_replacement_does(out, new_cache):
+    """What a run killed between write_cache's two renames leaves: the old cache moved into .NAME.old-*, the
+    new one complete in .NAME.tmp-*, nothing at out; and an incomplete and an empty leftover of other kills."""
+    parent, name = out.parent, out.name
+    (parent / f".{name}.old-k1ll3d01").mkdir()
+    os.replace(out, parent / f".{name}.old-k1ll3d01" / name)
+    shutil.copytree(new_cache, parent / f".{name}.tmp-k1ll3d02")
+    (parent / f".{name}.tmp-k1ll3d03").mkdir()
+    (parent / f".{name}.tmp-k1ll3d03" / "train_ratings.pt").write_bytes(b"PK")
+    (parent / f".{name}.old-k1ll3d04").mkdir()
+
+
+@pytest.mark.parametrize("next_run", ["check", "convert"])
+def test_the_next_run_restores_a_cache_that_a_kill_left_moved_aside(small_caches, tmp_path, next_run):
+    source, outputs = small_caches
+    out = tmp_path / "cache"
+    shutil.copytree(outputs["first"], out)
+    move_aside_as_a_killed_replacement_does(out, outputs["seed 2"])
+    others = [tmp_path / ".other.tmp-k1ll3d05", tmp_path / ".cache.tmp-k1ll3d06.old-k1ll3d07"]  # not out's
+    for path in others:
+        path.mkdir()
+    if next_run == "check":
+        result = convert_ok("--check", "--output", out)
+        assert f"note: {out}: restored the cache that an interrupted run had moved aside" in result.stdout
+        assert cache_digest(out) == cache_digest(outputs["first"])
+    else:
+        convert_ok("--path", source, "--output", out, "--valid_negative", 10, "--seed", 2)
+        assert cache_digest(out) == cache_digest(outputs["seed 2"])
+    assert leftovers(tmp_path, "cache") == [others[1].name]
+    assert all(path.is_dir() for path in others)
+
+
+def test_recovery_leaves_the_directories_of_a_running_conversion_alone(small_caches, tmp_path):
+    """A conversion holds a lock on its temporary directories for as long as they exist: another run that
+    starts meanwhile (here: between that conversion's two renames) leaves them alone."""
+    _, outputs = small_caches
+    out = tmp_path / "cache"
+    shutil.copytree(outputs["first"], out)
+    move_aside_as_a_killed_replacement_does(out, outputs["seed 2"])
+    live = [tmp_path / ".cache.old-k1ll3d01", tmp_path / ".cache.tmp-k1ll3d02"]
+    locks = [os.open(path, os.O_RDONLY) for path in live]
+    try:
+        for lock in locks:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        result = run_convert("--check", "--output", out)
+        assert_one_line_error(result)
+        assert "no metadata.json" in result.stderr
+        assert leftovers(tmp_path, "cache") == sorted(path.name for path in live)  # the stale ones are gone
+    finally:
+        for lock in locks:
+            os.close(lock)
+    convert_ok("--check", "--output", out)  # once the conversion is gone (killed), its old cache comes back
+    assert cache_digest(out) == cache_digest(outputs["first"])
+    assert leftovers(tmp_path, "cache") == []
+
+
+@pytest.mark.parametrize("crash", [OSError, KeyboardInterrupt])
+def test_a_failure_between_the_renames_puts_the_old_cache_back(tmp_path, monkeypatch, crash):
+    source = write_small_csv(tmp_path / "ratings.csv")
+    out = tmp_path / "cache"
+    cache = convert.build(*convert.read_ratings(source, "ml-20m"), 20, 10, 1)
+    meta = {"format_version": convert.FORMAT_VERSION, "seed": 1}
+    convert.write_cache(out, cache, meta)
+    before = cache_digest(out)
+    real_replace, renames = os.replace, []
+
+    def rename_then_fail(source, destination):
+        renames.append(destination)
+        if len(renames) == 2:  # the new cache into place, the old one just moved aside
+            raise crash(28, "No space left on device")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", rename_then_fail)
+    with pytest.raises(CliError if crash is OSError else crash):
+        convert.write_cache(out, cache, {**meta, "seed": 2})
+    assert renames[1] == out
+    assert cache_digest(out) == before
     assert leftovers(tmp_path, "cache") == []
 
 
