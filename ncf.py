@@ -424,10 +424,14 @@ def make_autocast(args, device):
 
 def check_writable(directory):
     """Make the checkpoint directory and try a file in it: a run learns at start-up, not after its
-    first epoch, that it could not keep its checkpoints."""
+    first epoch, that it could not keep its checkpoints. Temporary files of a run killed while it
+    wrote a checkpoint (utils.atomic_save's) are deleted: nothing else would ever remove them."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=directory).close()
+        for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
+            for stale in directory.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
     except OSError as error:
         raise CliError(f"cannot write checkpoints in {directory}: {error.strerror}") from None
 

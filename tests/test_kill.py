@@ -285,6 +285,7 @@ def test_training_killed_at_any_instant_resumes_from_its_last_checkpoint(tmp_pat
     print(f"\nncf.py killed at {counts['killed']} instants: {dict(counts)}")
     assert counts["killed"] >= 10
     assert counts["resumed runs that finished"] >= LANES
+    assert counts["temporary files left in the checkpoint directory"] == 0
 
 
 # --- prepare_dataset.sh and download_dataset.sh -------------------------------------------------

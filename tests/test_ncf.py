@@ -1228,6 +1228,18 @@ def test_checkpoint_every_n_epochs_always_writes_the_last_and_resumes_exactly(ti
         assert_same_tensors(whole.get("model", whole), resumed.get("model", resumed))
 
 
+def test_a_run_deletes_the_temporary_checkpoint_files_of_a_killed_one(tiny_cache, tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    killed_writes = [tmp_path / ".last.pth.k1ll3d.tmp", tmp_path / ".model.pth.k1ll3d.tmp"]
+    for path in killed_writes:
+        path.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".notes.tmp"
+    other.write_text("not ours")
+    train_in_process(tiny_cache, tmp_path, "-e", 1)
+    assert not any(path.exists() for path in killed_writes)
+    assert other.exists() and (tmp_path / "last.pth").exists()
+
+
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     def disk_full(obj, file):
         file.write(b"half a checkpoint")
