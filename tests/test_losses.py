@@ -1,5 +1,6 @@
 """ncf.py's training losses: BCE (the reference's), full softmax and sampled softmax."""
 
+import json
 import math
 import os
 import subprocess
@@ -13,6 +14,7 @@ from conftest import make_cache
 from test_ncf import DISTRIBUTED_ENV, SMALL, assert_same_tensors, run_ncf, state, torchrun
 
 import ncf
+import tune
 from neumf import NeuMF
 from utils import CliError
 
@@ -294,3 +296,43 @@ def test_softmax_losses_learn_well_above_popularity(taste_cache, tmp_path, loss,
         "--loss", loss, *flags, "--checkpoint_dir", tmp_path, log_path=tmp_path / "log.json",
     ).expect_success()  # fmt: skip
     assert run.final["best_accuracy"] > popularity_hr + 0.04, (run.final["best_accuracy"], popularity_hr)
+
+
+# --- tune.py searches the loss --------------------------------------------------------------------------
+
+
+def test_tune_searches_the_loss_and_drops_the_parameters_it_leaves_unused():
+    space = tune.default_space("gmf", 100_000, pretrained=False)
+    assert tune.describe(space, {})["loss"] == "one of bce, softmax, sampled_softmax"
+    assert list(space).index("loss") < min(
+        list(space).index(name) for name in ("negative_samples", "softmax_negatives")
+    )
+    searched, fixed = tune.narrowed_space(space, ["loss=softmax"], [])
+    assert fixed == {"loss": "softmax"} and not {"negative_samples", "softmax_negatives"} & searched.keys()
+    searched, _ = tune.narrowed_space(space, ["loss=sampled_softmax"], ["softmax_negatives=100:200"])
+    assert "negative_samples" not in searched and searched["softmax_negatives"].high == 200
+    settings = {"model": "gmf", "seed": 1, "epochs": 2, "patience": None, "amp": False, "pretrained_gmf": None}
+    values = {"loss": "softmax", "negative_samples": 4, "softmax_negatives": 100, "learning_rate": 0.01}
+    flags = tune.ncf_flags(values, settings)
+    assert "--negative_samples" not in flags and "--softmax_negatives" not in flags
+    args = ncf.parse_args(["--data", "x", *flags])  # a flag set ncf.py takes
+    assert (args.loss, args.negative_samples, args.learning_rate) == ("softmax", 0, 0.01)
+    args = ncf.parse_args(["--data", "x", *tune.ncf_flags(values | {"loss": "sampled_softmax"}, settings)])
+    assert (args.loss, args.softmax_negatives, args.negative_samples) == ("sampled_softmax", 100, 0)
+    args = ncf.parse_args(["--data", "x", *tune.ncf_flags(values | {"loss": "bce"}, settings)])
+    assert (args.loss, args.negative_samples, args.softmax_negatives) == ("bce", 4, None)
+
+
+def test_tune_trials_train_with_the_searched_loss(tiny_validation_cache, tmp_path):
+    best = tmp_path / "best.json"
+    command = [
+        sys.executable, "tune.py", "--data", tiny_validation_cache, "--storage", f"sqlite:///{tmp_path / 's.db'}",
+        "--study_name", "loss", "--model", "gmf", "--trials", 2, "-e", 1, "--output", best, "--pruner", "none",
+        "--fix", "loss=sampled_softmax", "batch_size=256", "--range", "softmax_negatives=16:32",
+    ]  # fmt: skip
+    proc = subprocess.run(list(map(str, command)), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(best.read_text())
+    assert "--loss sampled_softmax" in result["command"] and "--negative_samples" not in result["command"]
+    assert 16 <= result["params"]["softmax_negatives"] <= 32
