@@ -15,6 +15,7 @@ from test_ncf import DISTRIBUTED_ENV, SMALL, assert_same_tensors, run_ncf, state
 
 import ncf
 import tune
+from dataloading import load_cache
 from neumf import NeuMF
 from utils import CliError
 
@@ -286,7 +287,7 @@ def test_softmax_losses_learn_well_above_popularity(taste_cache, tmp_path, loss,
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import baselines
 
-    from dataloading import load_cache, make_evaluator
+    from dataloading import make_evaluator
 
     data = load_cache(taste_cache)
     evaluator = make_evaluator(data, "test", "reference", 0, 1, torch.device("cpu"))
@@ -336,3 +337,36 @@ def test_tune_trials_train_with_the_searched_loss(tiny_validation_cache, tmp_pat
     result = json.loads(best.read_text())
     assert "--loss sampled_softmax" in result["command"] and "--negative_samples" not in result["command"]
     assert 16 <= result["params"]["softmax_negatives"] <= 32
+
+
+# --- benchmarks ---------------------------------------------------------------------------------------
+
+
+def test_accuracy_recipes_with_a_softmax_loss_are_ncf_settings():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import accuracy
+
+    for recipe, batches in accuracy.BATCHES.items():
+        for dataset, batch in batches.items():
+            args = ncf.parse_args(["--data", "x", *accuracy.RECIPES[recipe], "-b", batch])
+            assert args.loss != "bce" and args.negative_samples == 0 and args.l2_regularization == 0, recipe
+            assert args.batch_size == (1024 if dataset == "ml-1m" else 256)
+
+
+def test_loss_bench_times_every_loss_against_bce(tiny_cache, tmp_path):
+    command = [sys.executable, "benchmarks/loss_bench.py", "--data", tiny_cache, "--softmax_negatives", 16]
+    command += ["--bce_batch", 2048, "--softmax_batch", 512, "--json", tmp_path / "loss.json"]
+    proc = subprocess.run(list(map(str, command)), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [row[0].strip() for row in rows] == ["loss", *ncf.LOSSES]
+    assert [row[6].strip() for row in rows[1:2]] == ["1.00"]  # BCE against itself
+    results = json.loads((tmp_path / "loss.json").read_text())["results"]
+    positives = results["positives"]
+    assert positives == len(load_cache(tiny_cache).train)
+    losses = results["losses"]
+    assert [losses[loss]["negatives"] for loss in ncf.LOSSES] == [4, 199, 16]
+    assert losses["bce"]["samples_per_s"] == pytest.approx(5 * losses["bce"]["positives_per_s"])
+    for result in losses.values():
+        assert result["positives_per_s"] * result["epoch_seconds"] == pytest.approx(positives)
