@@ -7,6 +7,8 @@
 After every epoch each user's held-out item is ranked among its 100 test negatives and HR@K and
 NDCG@K are reported (and likewise its validation item, when the cache has a validation split);
 the best model so far — on validation when there is a split — is written to --checkpoint_dir/model.pth.
+The training loss is the reference's binary cross-entropy, or a full or sampled softmax (--loss; the
+Loss classes below): evaluation is the same for every loss, the model's scores being logits either way.
 """
 
 import argparse
