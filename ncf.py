@@ -636,8 +636,8 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
     loss_module = make_loss(args, model, data.n_items)
     ddp_loss = DistributedDataParallel(loss_module) if world_size > 1 else loss_module
     log(
-        f"{args.model}, {args.loss} loss: {data.n_users:,} users, {data.n_items:,} items, "
-        f"{len(data.train):,} positives; "
+        f"{args.model}: {data.n_users:,} users, {data.n_items:,} items, {len(data.train):,} positives; "
+        f"{args.loss} loss; "
         f"{world_size} process(es) on {device}; seed {seed}; {args.eval_protocol} evaluation protocol"
         + ("; model selection on the validation split" if validating else "")
     )

@@ -210,7 +210,7 @@ def test_resume_with_a_softmax_loss_continues_exactly(tiny_cache, tmp_path, loss
     flags = ["--data", tiny_cache, *SMALL, "-b", 256, "--loss", loss]
     whole = run_ncf(*flags, "-e", 2, "--checkpoint_dir", tmp_path / "whole", log_path=tmp_path / "w.json")
     whole.expect_success()
-    assert f"neumf, {loss} loss:" in whole.stdout
+    assert f"; {loss} loss; " in whole.stdout.splitlines()[0]
     assert whole.parameters["loss"] == loss and whole.parameters["negative_samples"] == 0
     directory = tmp_path / "parts"
     run_ncf(*flags, "-e", 1, "--checkpoint_dir", directory, log_path=tmp_path / "a.json").expect_success()
