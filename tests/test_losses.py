@@ -99,6 +99,23 @@ def test_full_softmax_in_blocks_equals_it_in_one_block(kind):
         torch.testing.assert_close(blocked_gradients[name], gradient, msg=name)
 
 
+def test_full_softmax_scores_at_most_a_block_at_once(monkeypatch):
+    """Forward and backward (the checkpointed blocks are recomputed) never score more than block_scores pairs."""
+    model = tiny_model("neumf")
+    shapes, catalogue_logits = [], NeuMF.catalogue_logits
+
+    def recording(self, users, items):
+        logits = catalogue_logits(self, users, items)
+        shapes.append(tuple(logits.shape))
+        return logits
+
+    monkeypatch.setattr(NeuMF, "catalogue_logits", recording)
+    users, items, labels = batch()
+    ncf.Softmax(model, N_ITEMS, block_scores=3 * N_ITEMS + 2)(users, items, labels).backward()
+    forward = [(3, N_ITEMS), (3, N_ITEMS), (3, N_ITEMS), (1, N_ITEMS)]
+    assert shapes[:4] == forward and sorted(shapes[4:]) == sorted(forward)  # then recomputed, last block first
+
+
 def test_full_softmax_refuses_a_catalogue_larger_than_a_block():
     with pytest.raises(CliError, match="use --loss sampled_softmax"):
         ncf.Softmax(tiny_model("gmf"), N_ITEMS, block_scores=N_ITEMS - 1)
@@ -370,3 +387,24 @@ def test_loss_bench_times_every_loss_against_bce(tiny_cache, tmp_path):
     assert losses["bce"]["samples_per_s"] == pytest.approx(5 * losses["bce"]["positives_per_s"])
     for result in losses.values():
         assert result["positives_per_s"] * result["epoch_seconds"] == pytest.approx(positives)
+
+
+def test_pretrained_neumf_trains_with_a_softmax_loss(tiny_cache, tmp_path):
+    branches = {}
+    for kind in ("gmf", "mlp"):
+        run_ncf(
+            "--data", tiny_cache, *SMALL, "-b", 256, "-e", 1, "--model", kind, "--loss", "softmax",
+            "--checkpoint_dir", tmp_path / kind, log_path=tmp_path / f"{kind}.json",
+        ).expect_success()  # fmt: skip
+        branches[kind] = tmp_path / kind / "model.pth"
+    runs = {}
+    for name, flags in {
+        "fresh": [],
+        "pretrained": ["--pretrained_gmf", branches["gmf"], "--pretrained_mlp", branches["mlp"]],
+    }.items():
+        runs[name] = run_ncf(
+            "--data", tiny_cache, *SMALL, "-b", 256, "-e", 1, "--loss", "softmax", *flags,
+            "--checkpoint_dir", tmp_path / name, log_path=tmp_path / f"{name}.json",
+        ).expect_success()  # fmt: skip
+    fresh, pretrained = (runs[name].epochs[0]["train_loss"] for name in ("fresh", "pretrained"))
+    assert runs["pretrained"].parameters["loss"] == "softmax" and math.isfinite(pretrained) and pretrained != fresh
