@@ -7,6 +7,8 @@
 After every epoch each user's held-out item is ranked among its 100 test negatives and HR@K and
 NDCG@K are reported (and likewise its validation item, when the cache has a validation split);
 the best model so far — on validation when there is a split — is written to --checkpoint_dir/model.pth.
+The training loss is the reference's binary cross-entropy, or a full or sampled softmax (--loss; the
+Loss classes below): evaluation is the same for every loss, the model's scores being logits either way.
 """
 
 import argparse
@@ -21,7 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 from dataloading import FullRanking, TrainBatches, load_cache, make_evaluator, metrics_from_histogram, rank_histogram
 from neumf import MODELS, NeuMF
@@ -62,7 +66,28 @@ def parse_args(argv=None):
     parser.add_argument("--valid_batch_size", type=int, default=2**20, help="samples scored at once in evaluation")
     parser.add_argument("-f", "--factors", type=int, default=64, help="size of the MF embeddings")
     parser.add_argument("--layers", nargs="+", type=int, default=[256, 256, 128, 64], help="MLP layer sizes")
-    parser.add_argument("-n", "--negative_samples", type=int, default=4, help="negatives per positive in training")
+    parser.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="bce",
+        help="bce: binary cross-entropy on positives and -n sampled negatives (the reference); softmax: "
+        "cross-entropy of each positive against the whole catalogue; sampled_softmax: against "
+        "--softmax_negatives items drawn per batch",
+    )
+    parser.add_argument(
+        "-n",
+        "--negative_samples",
+        type=int,
+        default=None,
+        help="--loss bce's negatives per positive in training (default 4); a softmax loss trains on positives only",
+    )
+    parser.add_argument(
+        "--softmax_negatives",
+        type=int,
+        default=None,
+        help=f"--loss sampled_softmax's negatives, drawn uniformly per batch and shared by its positives "
+        f"(default {SAMPLED_NEGATIVES})",
+    )
     parser.add_argument("-l", "--learning_rate", type=float, default=0.0045)
     parser.add_argument("-k", "--topk", type=int, default=10, help="K of HR@K and NDCG@K")
     parser.add_argument("-s", "--seed", type=int, default=None, help="random seed (default: drawn and logged)")
@@ -130,8 +155,7 @@ def check_args(args):
             raise CliError(f"--{name} must be at least 1")
     if args.patience is not None and args.patience < 1:
         raise CliError("--patience must be at least 1")
-    if args.negative_samples < 0:
-        raise CliError("--negative_samples must not be negative")
+    check_loss_args(args)
     if any(size < 1 for size in args.layers) or args.layers[0] % 2:
         raise CliError(f"--layers must be positive and the first one even (user and item halves), got {args.layers}")
     in_range = {  # name: (low, high, high included); NaN is in no range
@@ -165,6 +189,124 @@ def check_args(args):
                 "--pretrained_gmf/--pretrained_mlp start a new training run: not with --mode test, "
                 "--resume or --load_checkpoint_path"
             )
+
+
+def check_loss_args(args):
+    """Refuse a loss's flag with another loss and fill in its default: -n is BCE's negatives per
+    positive (0 under a softmax loss, whose batches hold positives only), --softmax_negatives the
+    sampled softmax's."""
+    if args.loss == "bce":
+        args.negative_samples = 4 if args.negative_samples is None else args.negative_samples
+    elif args.negative_samples not in (None, 0):
+        raise CliError(f"-n/--negative_samples is --loss bce's: --loss {args.loss} trains on positives only")
+    else:
+        args.negative_samples = 0
+    if args.negative_samples < 0:
+        raise CliError("--negative_samples must not be negative")
+    if args.loss == "sampled_softmax":
+        args.softmax_negatives = SAMPLED_NEGATIVES if args.softmax_negatives is None else args.softmax_negatives
+        if args.softmax_negatives < 1:
+            raise CliError("--softmax_negatives must be at least 1")
+    elif args.softmax_negatives is not None:
+        raise CliError(f"--softmax_negatives is --loss sampled_softmax's, not --loss {args.loss}'s")
+
+
+# --- losses -------------------------------------------------------------------------------------
+
+LOSSES = ("bce", "softmax", "sampled_softmax")
+SAMPLED_NEGATIVES = 1024  # --softmax_negatives' default
+# The full softmax scores a batch a block of users at a time, at most this many (user, item) scores
+# per block (an MLP also holds that many activations per hidden unit of its widest layer)
+SOFTMAX_BLOCK_SCORES = 2**22
+
+
+class Loss(nn.Module):
+    """A training loss around the model: forward(users, items, labels) is the batch's mean loss.
+    DDP wraps it, so that whatever scoring it does runs in DDP's forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def start_epoch(self, seed):
+        """Seed what the loss draws in an epoch (alike on every rank)."""
+
+
+class BCE(Loss):
+    """The reference's loss: binary cross-entropy of each (user, item, label) sample's logit."""
+
+    def forward(self, users, items, labels):
+        return F.binary_cross_entropy_with_logits(self.model(users, items).flatten().float(), labels)
+
+
+class Softmax(Loss):
+    """Cross-entropy of each positive (user, item) against every item of the catalogue.
+
+    The batch is scored a block of users at a time, at most `block_scores` scores a block; with more
+    than one block each block is checkpointed (its scores recomputed in the backward pass), so only
+    one block's scores and activations are held at any time.
+    """
+
+    def __init__(self, model, n_items, block_scores=SOFTMAX_BLOCK_SCORES):
+        super().__init__(model)
+        if n_items > block_scores:
+            raise CliError(
+                f"--loss softmax scores at most {block_scores:,} (user, item) pairs at once, fewer than the "
+                f"{n_items:,} items of one user's row: use --loss sampled_softmax"
+            )
+        self.n_items, self.users_per_block = n_items, block_scores // n_items
+
+    def forward(self, users, items, labels):
+        catalogue = torch.arange(self.n_items, device=users.device)
+        blocks = list(zip(users.split(self.users_per_block), items.split(self.users_per_block), strict=True))
+        if len(blocks) == 1:
+            return self.block_loss(*blocks[0], catalogue) / len(users)
+        total = sum(checkpoint(self.block_loss, *block, catalogue, use_reentrant=False) for block in blocks)
+        return total / len(users)
+
+    def block_loss(self, users, positives, catalogue):
+        logits = self.model.catalogue_logits(users, catalogue).float()
+        return F.cross_entropy(logits, positives.long(), reduction="sum")  # int32 ids: a long target
+
+
+class SampledSoftmax(Loss):
+    """Cross-entropy of each positive against `negatives` items drawn uniformly, with replacement,
+    once per batch and shared by all its positives.
+
+    The negatives' logits are corrected by -log(negatives * q) with q = 1 / n_items the probability
+    of drawing an item (the logQ correction: their exp-sum then estimates the catalogue's), and a
+    negative equal to a row's positive (an accidental hit) is left out of that row. With the whole
+    catalogue as the negatives this is the full softmax. The draws follow a generator seeded per
+    epoch alike on every rank: one process with the global batch draws what DDP's ranks draw.
+    """
+
+    def __init__(self, model, n_items, negatives):
+        super().__init__(model)
+        self.n_items, self.negatives, self.generator = n_items, negatives, None
+
+    def start_epoch(self, seed):
+        self.generator = torch.Generator(self.model.final.weight.device).manual_seed(seed)
+
+    def forward(self, users, items, labels):
+        negatives = torch.randint(0, self.n_items, (self.negatives,), generator=self.generator, device=users.device)
+        return self.candidates_loss(users, items, negatives)
+
+    def candidates_loss(self, users, positives, negatives):
+        """The mean loss of positives against these shared negatives [S]."""
+        positive_logits = self.model(users, positives).float()  # [B, 1]
+        negative_logits = self.model.catalogue_logits(users, negatives).float()
+        negative_logits = negative_logits - math.log(len(negatives) / self.n_items)
+        negative_logits = negative_logits.masked_fill(negatives == positives[:, None], -math.inf)
+        logits = torch.cat([positive_logits, negative_logits], dim=1)
+        return F.cross_entropy(logits, torch.zeros(len(users), dtype=torch.long, device=users.device))
+
+
+def make_loss(args, model, n_items):
+    if args.loss == "softmax":
+        return Softmax(model, n_items)
+    if args.loss == "sampled_softmax":
+        return SampledSoftmax(model, n_items, args.softmax_negatives)
+    return BCE(model)
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -289,8 +431,9 @@ def whole_groups(batches, accumulate):
     return batches[: len(batches) - len(batches) % accumulate]
 
 
-def train_epoch(model, optimizer, scaler, batches, args, autocast, progress):
-    """One pass over this rank's batches, --grads_accumulated (G) whole batches per optimizer step.
+def train_epoch(loss_module, optimizer, scaler, batches, args, autocast, progress):
+    """One pass over this rank's batches, --grads_accumulated (G) whole batches per optimizer step;
+    loss_module is a Loss around the model (BCE, Softmax, SampledSoftmax), or DDP of one.
 
     A step's gradient is the sum of its G batches' mean-loss gradients, as the reference's: G
     batches of B samples give G times the mean-loss gradient of the batch of G * B samples they
@@ -298,17 +441,17 @@ def train_epoch(model, optimizer, scaler, batches, args, autocast, progress):
     after the last whole group are dropped. Returns the summed loss (without the L2 term), left
     on the device, and the number of samples trained on.
     """
-    model.train()
+    loss_module.train()
     batches = whole_groups(batches, args.grads_accumulated)
     loss_sum = torch.zeros((), device=batches[0][0].device)
-    module = getattr(model, "module", model)  # the model inside DDP
+    module = getattr(loss_module, "module", loss_module).model  # the model inside DDP and the loss
     for step, (users, items, labels) in enumerate(batches):
         steps_now = (step + 1) % args.grads_accumulated == 0
-        sync = contextlib.nullcontext() if steps_now or not hasattr(model, "no_sync") else model.no_sync()
+        no_sync = getattr(loss_module, "no_sync", None)
+        sync = contextlib.nullcontext() if steps_now or no_sync is None else no_sync()
         with sync:
             with autocast:
-                logits = model(users, items).flatten()
-                loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+                loss = loss_module(users, items, labels)
                 objective = loss
                 if args.l2_regularization:
                     objective = loss + args.l2_regularization * module.embedding_l2(users, items) / len(labels)
@@ -331,7 +474,8 @@ def epoch_seed(seed, epoch):
 # not apply (the optimizer state holds the run's learning rate and betas), make another run, or
 # compare its best HR with one of another metric.
 RUN_FLAGS = (
-    "model", "factors", "layers", "dropout", "batch_size", "negative_samples", "grads_accumulated", "optimizer",
+    "model", "factors", "layers", "dropout", "batch_size", "loss", "negative_samples", "softmax_negatives",
+    "grads_accumulated", "optimizer",
     "learning_rate", "beta1", "beta2", "eps", "l2_regularization", "amp", "topk", "eval_protocol",
 )  # fmt: skip
 
@@ -493,9 +637,11 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
         log(f"resuming after epoch {first_epoch - 1} (best {selected} {best[best_key]:.4f})")
     elif args.load_checkpoint_path:
         load_model_weights(model, args.load_checkpoint_path)
-    ddp_model = DistributedDataParallel(model) if world_size > 1 else model
+    loss_module = make_loss(args, model, data.n_items)
+    ddp_loss = DistributedDataParallel(loss_module) if world_size > 1 else loss_module
     log(
         f"{args.model}: {data.n_users:,} users, {data.n_items:,} items, {len(data.train):,} positives; "
+        f"{args.loss} loss; "
         f"{world_size} process(es) on {device}; seed {seed}; {args.eval_protocol} evaluation protocol"
         + ("; model selection on the validation split" if validating else "")
     )
@@ -503,11 +649,12 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
     throughputs, eval_throughputs, target_time = [], [], None
     for epoch in range(first_epoch, args.epochs):
         torch.manual_seed(epoch_seed(seed, epoch) * world_size + rank)  # dropout: per rank, per epoch
+        loss_module.start_epoch(epoch_seed(seed, epoch))
         start = time.time()
         batches = whole_groups(train_batches.epoch(epoch_seed(seed, epoch)), args.grads_accumulated)
         samples = sum(len(labels) for *_, labels in batches) * world_size  # every rank has batches of these sizes
         progress = Progress(len(batches), samples, f"epoch {epoch}", rank == 0)
-        loss_sum, _ = train_epoch(ddp_model, optimizer, scaler, batches, args, autocast, progress)
+        loss_sum, _ = train_epoch(ddp_loss, optimizer, scaler, batches, args, autocast, progress)
         train_loss = all_reduce_sum(loss_sum.double()).item() / samples
         train_time = time.time() - start
         progress.close()

@@ -113,6 +113,34 @@ class NeuMF(nn.Module):
             total = total + user_table(user).float().pow(2).sum() + item_table(item).float().pow(2).sum()
         return total
 
+    def catalogue_logits(self, users, items):
+        """Logits [U, C] of users [U] against items [C] (shared): forward() of every pair, dropout
+        included in training mode, with gradients (the softmax losses train on them).
+
+        The MF branch is one matrix product; the first MLP layer runs its user half once per user and
+        its item half once per item, the later layers per pair: an MLP holds U * C * (its widest
+        hidden layer) activations, so the caller scores a few users at a time.
+        """
+        mf_dim = self.mf_user_embed.embedding_dim if self.has_mf else 0
+        final_mf, final_mlp = self.final.weight[0, :mf_dim], self.final.weight[0, mf_dim:]
+        logits = self.final.bias
+        if self.has_mf:
+            logits = logits + (self.mf_user_embed(users) * final_mf) @ self.mf_item_embed(items).T
+        if self.has_mlp:
+            user_mlp, item_mlp = self.mlp_user_embed(users), self.mlp_item_embed(items)
+            half = user_mlp.shape[1]
+            if not self.mlp:  # the MLP output is the concatenated embeddings
+                return logits + (user_mlp @ final_mlp[:half])[:, None] + item_mlp @ final_mlp[half:]
+            first = self.mlp[0]
+            hidden = F.linear(user_mlp, first.weight[:, :half], first.bias)[:, None, :]
+            hidden = hidden + F.linear(item_mlp, first.weight[:, half:])
+            for layer in self.mlp:
+                if layer is not first:
+                    hidden = layer(hidden)
+                hidden = dropout(F.relu(hidden), self.dropout, self.training)
+            logits = logits + hidden @ final_mlp
+        return logits
+
     def score_grid(self, users, items, chunk_pairs=None):
         """Evaluation logits [U, C] of users [U] against items [C] (shared) or [U, C] (per user).
 

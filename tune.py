@@ -97,6 +97,8 @@ def default_space(model, n_train, pretrained):
     top = 2 ** min(20, max(10, round(math.log2(n_train * (1 + negatives.low) / 20))))
     space = {"optimizer": CategoricalDistribution(["adam", "sgd"])} if pretrained else {}
     space |= {
+        "loss": CategoricalDistribution(list(ncf.LOSSES)),  # before its parameters: they depend on it
+        "softmax_negatives": IntDistribution(64, 4096, log=True),
         "learning_rate": FloatDistribution(1e-4, 3e-2, log=True),
         "beta1": FloatDistribution(0.1, 0.99),
         "beta2": FloatDistribution(0.5, 0.9999),
@@ -168,10 +170,20 @@ def narrowed_space(space, fixes, ranges):
         if distribution.log and low <= 0:
             raise CliError(f"--range: {name} is searched on a log scale; its low end must be positive, got {low}")
         space[name] = type(distribution)(low, high, log=distribution.log)
-    if fixed.get("optimizer") == "sgd":  # plain SGD has no betas
-        for name in ("beta1", "beta2"):
-            space.pop(name, None)
+    for name in unused_parameters(fixed):
+        space.pop(name, None)
     return space, fixed
+
+
+def unused_parameters(values):
+    """The parameters these values leave without a meaning: plain SGD's betas, -n under a softmax
+    loss (its batches hold positives only), --softmax_negatives under another loss than sampled_softmax."""
+    unused = ["beta1", "beta2"] if values.get("optimizer") == "sgd" else []
+    if values.get("loss", "bce") != "bce":
+        unused.append("negative_samples")
+    if values.get("loss", "bce") != "sampled_softmax":
+        unused.append("softmax_negatives")
+    return unused
 
 
 def describe(space, fixed):
@@ -193,7 +205,9 @@ def ncf_flags(values, settings):
     flags = ["--model", settings["model"], "--seed", settings["seed"], "--epochs", settings["epochs"]]
     flags += ["--patience", settings["patience"]] if settings["patience"] is not None else []
     flags += ["--amp"] if settings["amp"] else []
-    for name in ("optimizer", "learning_rate", "beta1", "beta2", "batch_size", "negative_samples", "factors"):
+    values = {name: value for name, value in values.items() if name not in unused_parameters(values)}
+    names = ("optimizer", "learning_rate", "beta1", "beta2", "batch_size", "loss", "negative_samples")
+    for name in (*names, "softmax_negatives", "factors"):
         flags += [f"--{name}", values[name]] if name in values else []
     if "mlp_factors" in values:
         flags += ["--layers", *(2 * values["mlp_factors"] >> layer for layer in range(values["mlp_layers"]))]
@@ -233,7 +247,7 @@ def make_objective(args, data, space, fixed, settings, device):
     def objective(trial):
         values = dict(fixed)
         for name, distribution in space.items():
-            if not (name in ("beta1", "beta2") and values.get("optimizer") == "sgd"):
+            if name not in unused_parameters(values):
                 values[name] = suggest(trial, name, distribution)
         flags = ncf_flags(values, settings)
         trial.set_user_attr("ncf_flags", flags)

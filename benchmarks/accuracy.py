@@ -57,7 +57,15 @@ RECIPES = {
     + ["--l2_regularization", "0.001"],
     "neumf-pre": [*COMMON, "--model", "neumf", *SIZES["gmf"], *SIZES["mlp"], "-l", "0.0005"]
     + ["--dropout", "0", "--l2_regularization", "0.001"],
+    # softmax losses, batches of positives (SOFTMAX_BATCH), no regularization: the settings of the outside
+    # probe of issue 20 (dot-product MF, 64 factors, Adam lr 0.002) that reached the baselines untuned
+    "gmf-softmax": [*COMMON, "--model", "gmf", "-f", "64", "-l", "0.002", "--loss", "softmax"],
+    "gmf-softmax-f128": [*COMMON, "--model", "gmf", *SIZES["gmf"], "-l", "0.002", "--loss", "softmax"],
+    "gmf-sampled": [*COMMON, "--model", "gmf", "-f", "64", "-l", "0.002", "--loss", "sampled_softmax"],
 }
+# A softmax loss's batch holds positives only: smaller batches give it the steps BCE's get from its negatives
+SOFTMAX_BATCH = {"ml-1m": "1024", "ml-100k": "256", "ml-latest-small": "256"}
+BATCHES = {model: SOFTMAX_BATCH for model in ("gmf-softmax", "gmf-softmax-f128", "gmf-sampled")}
 SHARED_DATA_VARIABLE = "NCF_SHARED_DATA"  # where the MovieLens files are, when --shared_data is not given
 BEST = {"ml-1m": "gmf", "ml-100k": "gmf", "ml-latest-small": "gmf"}  # the recommended model per dataset
 
@@ -143,7 +151,7 @@ def run(caches, model, seed, max_epochs, workdir):
     Refit: the same recipe and seed trained on training + validation items for that many epochs; its
     last epoch is the model (nothing is chosen on test), as baselines are fitted on the whole training data.
     """
-    batch = [] if model == "reference" else ["-b", BATCH[caches[0].name]]
+    batch = [] if model == "reference" else ["-b", BATCHES.get(model, BATCH)[caches[0].name]]
     cap = ["-e", max_epochs] if max_epochs else []
     epochs, final, seconds = ncf_run(caches[0], model, seed, [*batch, *cap, "--patience", PATIENCE], workdir)
     best = final["best_epoch"]

@@ -136,7 +136,7 @@ def measure(args):
 
     def train(label, epoch_batches):
         progress = Progress(len(epoch_batches), sum(len(labels) for *_, labels in epoch_batches), label)
-        ncf.train_epoch(trained, optimizer, scaler, epoch_batches, settings, autocast, progress)
+        ncf.train_epoch(ncf.BCE(trained), optimizer, scaler, epoch_batches, settings, autocast, progress)
         progress.close()
 
     warmup = warmup_batches(batches.epoch(seed=0))

@@ -830,14 +830,14 @@ def test_accumulated_batches_step_as_one_batch_g_times_larger_and_a_partial_grou
     epoch = batches[: 2 * G + 1]  # two whole groups, then one batch that does not fill a group
     scaler = ncf.make_scaler(args, CPU)
     loss_sum, samples = ncf.train_epoch(
-        model, ncf.make_optimizer(model, args, CPU), scaler, epoch, args, NO_AUTOCAST, quiet_progress()
+        ncf.BCE(model), ncf.make_optimizer(model, args, CPU), scaler, epoch, args, NO_AUTOCAST, quiet_progress()
     )
     assert samples == 2 * G * 256
 
     big_args = ncf.parse_args(list(map(str, ["--data", tiny_cache, "--optimizer", "sgd", "-l", G * lr])))
     big_batches = [tuple(torch.cat(parts) for parts in zip(*epoch[i : i + G], strict=True)) for i in (0, G)]
     big_loss_sum, big_samples = ncf.train_epoch(
-        big_batch_model, ncf.make_optimizer(big_batch_model, big_args, CPU), scaler, big_batches, big_args,
+        ncf.BCE(big_batch_model), ncf.make_optimizer(big_batch_model, big_args, CPU), scaler, big_batches, big_args,
         NO_AUTOCAST, quiet_progress(),
     )  # fmt: skip
     assert big_samples == samples
@@ -958,7 +958,9 @@ def test_apex_fused_adam_trains_through_train_epoch(apex, tiny_cache):
     assert type(optimizer) is FakeFusedAdam
     before = [param.detach().clone() for param in model.parameters()]
     for _ in range(2):
-        ncf.train_epoch(model, optimizer, ncf.make_scaler(args, CUDA), batches, args, NO_AUTOCAST, quiet_progress())
+        ncf.train_epoch(
+            ncf.BCE(model), optimizer, ncf.make_scaler(args, CUDA), batches, args, NO_AUTOCAST, quiet_progress()
+        )
     assert optimizer.param_groups[0]["step"] == 2 * len(batches)
     assert all(param.grad is None for param in model.parameters())
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
@@ -984,16 +986,16 @@ def test_resume_converts_the_adam_state_between_apex_and_torch(apex, tiny_cache,
     args, data, model, batches = small_setup(tiny_cache, "-l", 0.01)
     scaler = ncf.make_scaler(args, CPU)
     optimizer = ncf.make_optimizer(model, args, devices[saved_by])
-    ncf.train_epoch(model, optimizer, scaler, batches[:5], args, NO_AUTOCAST, quiet_progress())
+    ncf.train_epoch(ncf.BCE(model), optimizer, scaler, batches[:5], args, NO_AUTOCAST, quiet_progress())
     best = {"hr": 0.0, "val_hr": -1.0, "epoch": 0, "time": 0.0}
     ncf.save_training_state(tmp_path / "last.pth", model, optimizer, scaler, 0, 1, best, data, 0.0, args)
-    ncf.train_epoch(model, optimizer, scaler, batches[5:8], args, NO_AUTOCAST, quiet_progress())
+    ncf.train_epoch(ncf.BCE(model), optimizer, scaler, batches[5:8], args, NO_AUTOCAST, quiet_progress())
 
     resumed = ncf.make_model(args, data, CPU)
     resumed_optimizer = ncf.make_optimizer(resumed, args, devices[resumed_by])
     assert (type(optimizer), type(resumed_optimizer)) != (FakeFusedAdam,) * 2
     ncf.load_training_state(tmp_path / "last.pth", resumed, resumed_optimizer, scaler, data, args)
-    ncf.train_epoch(resumed, resumed_optimizer, scaler, batches[5:8], args, NO_AUTOCAST, quiet_progress())
+    ncf.train_epoch(ncf.BCE(resumed), resumed_optimizer, scaler, batches[5:8], args, NO_AUTOCAST, quiet_progress())
     assert_same_parameters(resumed, model)
     if resumed_by == "torch":
         assert resumed_optimizer.param_groups[0]["fused"]  # still the fused implementation
@@ -1006,7 +1008,7 @@ def test_resume_refuses_an_adam_state_whose_parameters_took_different_numbers_of
     args, data, model, batches = small_setup(tiny_cache)
     scaler = ncf.make_scaler(args, CPU)
     optimizer = ncf.make_optimizer(model, args, CPU)
-    ncf.train_epoch(model, optimizer, scaler, batches[:2], args, NO_AUTOCAST, quiet_progress())
+    ncf.train_epoch(ncf.BCE(model), optimizer, scaler, batches[:2], args, NO_AUTOCAST, quiet_progress())
     next(iter(optimizer.state.values()))["step"] += 1
     best = {"hr": 0.0, "val_hr": -1.0, "epoch": 0, "time": 0.0}
     ncf.save_training_state(tmp_path / "last.pth", model, optimizer, scaler, 0, 1, best, data, 0.0, args)
