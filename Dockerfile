@@ -13,13 +13,12 @@ ENV DATA_ROOT=/data \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /workspace/ncf
 
-# Dependencies first, so that editing the code does not reinstall them. torch is left out of the
-# requirements: the image's CUDA build of torch must not be replaced by a wheel from PyPI.
-COPY requirements.txt .
-RUN pip install --no-cache-dir "git+https://github.com/NVIDIA/dllogger#egg=dllogger" \
- && grep -vE '^[[:space:]]*torch([^A-Za-z0-9_.-]|$)' requirements.txt > /tmp/requirements-no-torch.txt \
- && pip install --no-cache-dir -r /tmp/requirements-no-torch.txt \
- && rm /tmp/requirements-no-torch.txt
-
 COPY . .
-RUN chmod +x ./*.sh
+# The project, editable, with tune.py's and plot.py's extras, and DLLogger at a fixed commit (its 1.0.0).
+# The constraint keeps the image's CUDA build of torch: an image whose torch is older than the project
+# needs fails here rather than swapping in a wheel from PyPI.
+RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/image-torch.txt \
+ && pip install --no-cache-dir -c /tmp/image-torch.txt -e ".[tune,plots]" \
+        "dllogger @ git+https://github.com/NVIDIA/dllogger@0540a43971f4a8a16693a9de9de73c1072020769" \
+ && rm /tmp/image-torch.txt \
+ && chmod +x ./*.sh

@@ -26,7 +26,7 @@ import torch
 from convert import ITEM_IDS_FILE, USER_IDS_FILE
 from dataloading import load_cache
 from neumf import MODELS, NeuMF
-from utils import CliError, load_model_weights, load_state_dict_file, make_logger, model_config, run_main
+from utils import CliError, load_model_weights, load_state_dict_file, make_logger, model_config, require_torch, run_main
 
 WARMUP_BATCHES = 10
 DEFAULT_BATCH_SIZES = "1,4,16,64,256,1024,4096,16384,65536,262144,1048576"
@@ -489,6 +489,7 @@ def recommend(args, device):
 
 
 def main():
+    require_torch()
     args = parse_args()
     device = pick_device(args.device)
     if args.mode == "benchmark":

@@ -40,6 +40,7 @@ from utils import (
     make_logger,
     model_state,
     read_checkpoint,
+    require_torch,
     run_main,
 )
 
@@ -742,6 +743,7 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
 
 
 def main():
+    require_torch()
     args = parse_args()
     rank, world_size, device = init_distributed(args.local_rank)
     if device.type == "cuda":

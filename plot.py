@@ -19,13 +19,14 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+from utils import CliError, needs_extra, run_main
 
-matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+with needs_extra("plots"):
+    import matplotlib
 
-from utils import CliError, run_main  # noqa: E402
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
 # PARAMETER entries that name files, or say where and how fast a run ran, rather than what it
 # trains: runs that differ only in these (and the seed) share a configuration in best_hr.png.
@@ -178,7 +179,8 @@ def log_figures(runs):
 def study_figures(storage, study_name):
     """{file name: figure} of a study: its optimization history and, given two complete trials,
     its parameter importances."""
-    import optuna
+    with needs_extra("tune"):
+        import optuna
 
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         raise CliError(f"{storage}: no such SQLite file")  # opening it would create an empty one

@@ -7,7 +7,7 @@
 #   SYNTHETIC_ARGS="--users 200 --ratings 20000" ./quickstart.sh   # a smaller synthetic set (CI)
 set -euo pipefail
 cd "$(dirname "$0")"
-source ./setup_env.sh requirements.txt
+source ./setup_env.sh .
 dataset="${DATASET:-synthetic}"
 data_root="${DATA_ROOT:-./data}"
 name="$(basename "$dataset")"

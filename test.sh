@@ -3,7 +3,7 @@
 # Extra arguments go to pytest, e.g. ./test.sh -k convert
 set -euo pipefail
 cd "$(dirname "$0")"
-source ./setup_env.sh requirements.txt requirements-dev.txt
+source ./setup_env.sh ".[dev]"
 ruff check .
 ruff format --check .
 python -m pytest "$@"

@@ -20,14 +20,25 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-import optuna
-import sqlalchemy
 import torch
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState
 
 import ncf
-from utils import CliError, JsonLineLogger, load_state_dict_file, model_config, run_main, write_json
+from utils import (
+    CliError,
+    JsonLineLogger,
+    load_state_dict_file,
+    model_config,
+    needs_extra,
+    require_torch,
+    run_main,
+    write_json,
+)
+
+with needs_extra("tune"):
+    import optuna
+    import sqlalchemy
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.trial import TrialState
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OBJECTIVES = {"hr": "val_hr@10", "ndcg": "val_ndcg@10"}  # --objective: the trial's figure it maximizes
@@ -454,6 +465,7 @@ def report_best(study, args):
 
 
 def main():
+    require_torch()
     args = parse_args()
     check_output(args.output)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours (Ctrl-C included)

@@ -422,3 +422,39 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+# --- what the installation must hold --------------------------------------------------------------
+
+MIN_TORCH = "2.4"  # fused Adam and SGD on CPU, torch.OutOfMemoryError; pyproject.toml declares the same
+
+
+def require_torch():
+    """Stop with one line when the installed torch is older than the code needs (else an AttributeError
+    or a "fused=True requires..." RuntimeError would surface mid-run). Major and minor only: NVIDIA's
+    containers ship pre-release builds such as 2.4.0a0+nv24.05, which have what 2.4 has."""
+    import torch
+
+    found = tuple(int(part) for part in torch.__version__.split(".")[:2])
+    if found < tuple(int(part) for part in MIN_TORCH.split(".")):
+        raise CliError(f'needs torch >= {MIN_TORCH} (found {torch.__version__}); pip install "torch>={MIN_TORCH}"')
+
+
+class needs_extra:  # lower case, as contextlib.suppress: read as a with statement
+    """`with needs_extra("tune"): import optuna`: run without that optional extra, a script stops with
+    one line naming the extra to install instead of a ModuleNotFoundError traceback."""
+
+    def __init__(self, extra):
+        self.extra = extra
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, ImportError):
+            prog = Path(sys.argv[0]).name
+            print(
+                f"{prog}: error: needs the '{self.extra}' extra ({error}); pip install -e \".[{self.extra}]\"",
+                file=sys.stderr,
+            )
+            sys.exit(2)

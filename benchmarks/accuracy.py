@@ -26,10 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from utils import CliError, read_log, run_main, run_summary, write_results
 
-from utils import CliError, read_log, run_main, run_summary, write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DATASETS = {  # name: (file under shared/data, name convert.py expects, format)
     "ml-1m": ("ml-1m/ratings.PARTIAL-users-1-2999.dat", "ratings.dat", "ml-1m"),

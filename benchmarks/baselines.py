@@ -12,22 +12,20 @@ logits (the same candidates, masks and tie rule), so the figures compare with nc
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse
 import torch
-from implicit.cpu.als import AlternatingLeastSquares
-from implicit.cpu.bpr import BayesianPersonalizedRanking
-from threadpoolctl import threadpool_limits
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dataloading import FullRanking, load_cache, make_evaluator, metrics_from_histogram, rank_histogram
+from utils import CliError, needs_extra, run_main, write_results
 
-from dataloading import FullRanking, load_cache, make_evaluator, metrics_from_histogram, rank_histogram  # noqa: E402
-from utils import CliError, run_main, write_results  # noqa: E402
+with needs_extra("baselines"):
+    import scipy.sparse
+    from implicit.cpu.als import AlternatingLeastSquares
+    from implicit.cpu.bpr import BayesianPersonalizedRanking
+    from threadpoolctl import threadpool_limits
 
 TOPK = 10
 PROTOCOLS = ("reference", "exact", "full")

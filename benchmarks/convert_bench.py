@@ -39,10 +39,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from utils import write_results
 
-from utils import write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BARS = {"convert_s": 60.0, "convert_peak_rss_gb": 6.0, "ratio": 2.5, "ratio_to_call": 2.5}
 REPEATS_BAR = 1.5  # convert.py on the file with repeats, over the file without

@@ -28,15 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+import ncf
+from dataloading import load_cache, make_evaluator
+from neumf import NeuMF
+from utils import load_model_weights, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-import ncf  # noqa: E402
-from dataloading import load_cache, make_evaluator  # noqa: E402
-from neumf import NeuMF  # noqa: E402
-from utils import load_model_weights, write_results  # noqa: E402
 
 DEFAULT_RATINGS = ROOT.parent / "shared" / "data" / "ml-1m" / "ratings.PARTIAL-users-1-2999.dat"
 BAR_SECONDS = 5.0

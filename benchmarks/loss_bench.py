@@ -12,22 +12,17 @@ the batch), so seconds per epoch, and positives/s, are the comparable figures.
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from train_bench import synchronize, synthetic_cache  # noqa: E402
-
-import ncf  # noqa: E402
-from dataloading import TrainBatches, load_cache  # noqa: E402
-from neumf import MODELS  # noqa: E402
-from utils import CliError, Progress, enable_tf32, run_main, write_results  # noqa: E402
+import ncf
+from benchmarks.train_bench import synchronize, synthetic_cache
+from dataloading import TrainBatches, load_cache
+from neumf import MODELS
+from utils import CliError, Progress, enable_tf32, run_main, write_results
 
 WARMUP_STEPS = 3
 

@@ -19,11 +19,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import plot
+from utils import CliError, read_log, run_main, run_summary, write_results
 
-import plot  # noqa: E402
-from utils import CliError, read_log, run_main, run_summary, write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OWN_FLAGS = ("--data", "--seed", "-s", "--log_path", "--checkpoint_dir", "--mode", "--resume")
 METRICS = {  # key in the results: what the table calls it

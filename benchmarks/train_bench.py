@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import ncf
+from dataloading import EvalCandidates, TrainBatches, load_cache
+from utils import CliError, Progress, enable_tf32, run_main, write_results
 
-import ncf  # noqa: E402
-from dataloading import EvalCandidates, TrainBatches, load_cache  # noqa: E402
-from utils import CliError, Progress, enable_tf32, run_main, write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -19,12 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import optuna
+from utils import needs_extra, write_results
+
+with needs_extra("tune"):
+    import optuna
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from utils import write_results  # noqa: E402
 
 
 def parse_args():

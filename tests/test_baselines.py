@@ -16,11 +16,10 @@ import torch
 from conftest import make_cache
 
 import ncf
+from benchmarks import baselines
 from dataloading import load_cache, make_evaluator
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import baselines  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -17,15 +17,13 @@ import pandas as pd
 import pytest
 import torch
 
+import ncf
+from benchmarks import train_bench
+from dataloading import TrainBatches, load_cache
+from neumf import NeuMF
+from utils import enable_tf32, read_log
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import train_bench  # noqa: E402
-
-import ncf  # noqa: E402
-from dataloading import TrainBatches, load_cache  # noqa: E402
-from neumf import NeuMF  # noqa: E402
-from utils import enable_tf32, read_log  # noqa: E402
 
 TRAIN_COLUMNS = [
     "precision", "batch", "epoch [s]", "pipeline [samples/s]", "bare step [samples/s]", "pipeline / bare",

@@ -169,7 +169,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path[:0] = [{root!r}, {tests!r}]
 import ncf
 from test_losses import N_ITEMS, batch, tiny_model
 
@@ -177,11 +176,11 @@ dist.init_process_group("gloo")
 rank, world_size = dist.get_rank(), dist.get_world_size()
 name, output = sys.argv[1:]
 model = tiny_model("neumf")
-losses = {{
+losses = {
     "bce": lambda: ncf.BCE(model),
     "softmax": lambda: ncf.Softmax(model, N_ITEMS, block_scores=2 * N_ITEMS),  # 2 users a block: checkpointed
     "sampled_softmax": lambda: ncf.SampledSoftmax(model, N_ITEMS, 5),
-}}
+}
 loss = losses[name]()
 loss.start_epoch(3)
 users, items, labels = batch()
@@ -194,8 +193,8 @@ value = trained(users[mine], items[mine], labels[mine])
 value.backward()
 dist.all_reduce(value)
 if rank == 0:
-    grads = {{name: p.grad for name, p in model.named_parameters()}}
-    torch.save({{"loss": value / world_size, **grads}}, output)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    torch.save({"loss": value / world_size, **grads}, output)
 dist.destroy_process_group()
 """
 
@@ -203,12 +202,13 @@ dist.destroy_process_group()
 @pytest.mark.parametrize("loss", ncf.LOSSES)
 def test_ddp_gradients_equal_one_process_on_the_global_batch(loss, tmp_path):
     script = tmp_path / "ddp_loss.py"
-    script.write_text(DDP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    script.write_text(DDP_SCRIPT)
     results = {}
     for processes in (1, 2):
         launcher = [arg.replace("--nproc_per_node=2", f"--nproc_per_node={processes}") for arg in torchrun()]
         output = tmp_path / f"{processes}.pth"
-        env = {key: value for key, value in os.environ.items() if key not in DISTRIBUTED_ENV} | {"OMP_NUM_THREADS": "1"}
+        env = {key: value for key, value in os.environ.items() if key not in DISTRIBUTED_ENV}
+        env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}  # the script imports test_losses
         command = [*launcher, str(script), loss, str(output)]
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -301,9 +301,7 @@ def taste_cache(tmp_path_factory):
 
 @pytest.mark.parametrize("loss, flags", [("softmax", []), ("sampled_softmax", ["--softmax_negatives", 32])])
 def test_softmax_losses_learn_well_above_popularity(taste_cache, tmp_path, loss, flags):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import baselines
-
+    from benchmarks import baselines
     from dataloading import make_evaluator
 
     data = load_cache(taste_cache)
@@ -360,8 +358,7 @@ def test_tune_trials_train_with_the_searched_loss(tiny_validation_cache, tmp_pat
 
 
 def test_accuracy_recipes_with_a_softmax_loss_are_ncf_settings():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import accuracy
+    from benchmarks import accuracy
 
     for recipe, batches in accuracy.BATCHES.items():
         for dataset, batch in batches.items():

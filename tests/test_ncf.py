@@ -1091,7 +1091,7 @@ def flush():
 
 
 def fake_dllogger(directory):
-    """A directory holding the dllogger package FAKE_DLLOGGER, for sys.path / PYTHONPATH."""
+    """A directory holding the dllogger package FAKE_DLLOGGER, for PYTHONPATH."""
     package = directory / "site" / "dllogger"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(FAKE_DLLOGGER)

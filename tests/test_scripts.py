@@ -286,10 +286,10 @@ def test_an_abbreviated_flag_is_an_error(script, args, tmp_path):
 
 def test_quickstart_ends_with_the_recommendations_of_two_users(tmp_path):
     # the environment counts as installed: setup_env.sh finds its stamp and installs nothing
-    requirements = (ROOT / "requirements.txt").read_bytes()
+    pyproject = (ROOT / "pyproject.toml").read_bytes()
     environment = tmp_path / "env"
     environment.mkdir()
-    (environment / ".ncf-requirements").write_text(f"torch {hashlib.md5(requirements).hexdigest()}  -\n")
+    (environment / ".ncf-install").write_text(f"torch {ROOT} . {hashlib.md5(pyproject).hexdigest()}  -\n")
     result = subprocess.run(
         ["bash", str(ROOT / "quickstart.sh"), "-e", "1", "-b", "1024", "-f", "8", "--layers", "16", "8"],
         env=script_env(
