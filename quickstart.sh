@@ -31,6 +31,6 @@ python ncf.py --data "$cache" --epochs 6 --batch_size 16384 --negative_samples 2
     --checkpoint_dir "$checkpoints" --log_path "$checkpoints/log.json" "$@"
 
 mapfile -t users < <(sed -n '2,3p' "$cache/user_ids.csv")  # the first two users of the file
-echo "== 3/3 top-10 recommendations for users ${users[*]} (raw ids of the input file; items they trained on left out)"
+echo "== 3/3 top-10 recommendations for users ${users[*]} (raw ids of the input file; items they interacted with left out)"
 python inference.py --mode recommend --data "$cache" --load_checkpoint_path "$checkpoints/model.pth" \
     --users "${users[@]}" --topk 10
