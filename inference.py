@@ -14,8 +14,6 @@ of the input data.
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +24,16 @@ import torch
 from convert import ITEM_IDS_FILE, USER_IDS_FILE
 from dataloading import load_cache
 from neumf import MODELS, NeuMF
-from utils import CliError, load_model_weights, load_state_dict_file, make_logger, model_config, require_torch, run_main
+from utils import (
+    CliError,
+    load_model_weights,
+    load_state_dict_file,
+    make_logger,
+    model_config,
+    require_torch,
+    run_main,
+    write_text_atomically,
+)
 
 WARMUP_BATCHES = 10
 DEFAULT_BATCH_SIZES = "1,4,16,64,256,1024,4096,16384,65536,262144,1048576"
@@ -449,24 +456,10 @@ def write_recommendations(path, user_raw, item_raw, scores):
         ]
         text = json.dumps(records, indent=2) + "\n"
     try:
-        write_atomically(path, text)
+        write_text_atomically(path, text)
     except OSError as error:
         raise CliError(f"cannot write {path}: {error.strerror}") from None
     print(f"wrote the top {k} items of {len(user_raw)} users to {path}")
-
-
-def write_atomically(path, text):
-    """Write into a temporary file beside `path`, then rename: `path` is never seen half written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def recommend(args, device):

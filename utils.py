@@ -40,18 +40,24 @@ def run_main(main):
             distributed.destroy_process_group()
 
 
-def write_json(path, data):
-    """Write data as indented JSON, atomically, making the parent directory first."""
+def write_text_atomically(path, text):
+    """Write into a temporary file beside `path`, then rename (making the directory first): `path` is
+    never seen half written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as file:
-            file.write(json.dumps(data, indent=2) + "\n")
+            file.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path, data):
+    """Write data as indented JSON, atomically."""
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 def provenance():

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import inference
+import utils
 from convert import ITEM_IDS_FILE, USER_IDS_FILE
 from dataloading import load_cache
 from neumf import NeuMF
@@ -514,7 +515,7 @@ def test_output_is_replaced_whole_or_not_at_all(cli, int_data, model_path, tmp_p
     def fail(*_):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(inference.os, "replace", fail)
+    monkeypatch.setattr(utils.os, "replace", fail)
     code, _, err = cli(*base, "--users", *raw_ids(cache, USER_IDS_FILE)[2:5])
     assert_one_line_error(code, err, f"cannot write {output}: No space left on device")
     assert output.read_bytes() == before
