@@ -170,32 +170,37 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import ncf
+from utils import run_main
 from test_losses import N_ITEMS, batch, tiny_model
 
-dist.init_process_group("gloo")
-rank, world_size = dist.get_rank(), dist.get_world_size()
-name, output = sys.argv[1:]
-model = tiny_model("neumf")
-losses = {
-    "bce": lambda: ncf.BCE(model),
-    "softmax": lambda: ncf.Softmax(model, N_ITEMS, block_scores=2 * N_ITEMS),  # 2 users a block: checkpointed
-    "sampled_softmax": lambda: ncf.SampledSoftmax(model, N_ITEMS, 5),
-}
-loss = losses[name]()
-loss.start_epoch(3)
-users, items, labels = batch()
-if name == "bce":
-    labels = (items % 2).float()
-share = len(users) // world_size
-mine = slice(rank * share, (rank + 1) * share)
-trained = DistributedDataParallel(loss) if world_size > 1 else loss
-value = trained(users[mine], items[mine], labels[mine])
-value.backward()
-dist.all_reduce(value)
-if rank == 0:
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    torch.save({"loss": value / world_size, **grads}, output)
-dist.destroy_process_group()
+
+def main():  # run_main leaves the process group after main's locals (DDP holds it in a cycle) are gone
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    name, output = sys.argv[1:]
+    model = tiny_model("neumf")
+    losses = {
+        "bce": lambda: ncf.BCE(model),
+        "softmax": lambda: ncf.Softmax(model, N_ITEMS, block_scores=2 * N_ITEMS),  # 2 users a block: checkpointed
+        "sampled_softmax": lambda: ncf.SampledSoftmax(model, N_ITEMS, 5),
+    }
+    loss = losses[name]()
+    loss.start_epoch(3)
+    users, items, labels = batch()
+    if name == "bce":
+        labels = (items % 2).float()
+    share = len(users) // world_size
+    mine = slice(rank * share, (rank + 1) * share)
+    trained = DistributedDataParallel(loss) if world_size > 1 else loss
+    value = trained(users[mine], items[mine], labels[mine])
+    value.backward()
+    dist.all_reduce(value)
+    if rank == 0:
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        torch.save({"loss": value / world_size, **grads}, output)
+
+
+run_main(main)
 """
 
 
