@@ -26,6 +26,7 @@ from dataloading import load_cache
 from neumf import MODELS, NeuMF
 from utils import (
     CliError,
+    enable_tf32,
     load_model_weights,
     load_state_dict_file,
     make_logger,
@@ -291,8 +292,7 @@ def benchmark(args, device):
     # weight is re-cast per pass. On CPU at batch 2^20 bf16 ran about 2x faster cast than autocast.
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
     model = model.to(dtype)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # FP32 means TF32 matmuls on Ampere and later
+    enable_tf32(device)  # FP32 means TF32 matmuls on Ampere and later
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     print(f"{describe(model)}; {precision} on {device}")
 

@@ -35,6 +35,7 @@ from utils import (
     all_reduce_sum,
     atomic_save,
     broadcast_int,
+    enable_tf32,
     init_distributed,
     load_model_weights,
     make_logger,
@@ -746,9 +747,7 @@ def main():
     require_torch()
     args = parse_args()
     rank, world_size, device = init_distributed(args.local_rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(device)
     data = load_cache(args.data)
     seed = broadcast_int(args.seed if args.seed is not None else random.randrange(2**31), device)
     torch.manual_seed(seed)  # the same initial model on every rank

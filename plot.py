@@ -12,14 +12,12 @@ Optuna's own matplotlib figures.
 
 import argparse
 import json
-import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import CliError, needs_extra, run_main
+from utils import CliError, atomic_file, needs_extra, run_main
 
 with needs_extra("plots"):
     import matplotlib
@@ -206,16 +204,9 @@ def study_figures(storage, study_name):
 
 
 def save_atomically(figure, path):
-    """A PNG written into a temporary file beside `path`, then renamed: `path` is never seen half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A PNG that is never seen half written (utils.atomic_file)."""
+    with atomic_file(path, "wb") as file:
+        figure.savefig(file, format="png", dpi=100)
 
 
 def parse_args():

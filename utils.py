@@ -4,6 +4,7 @@ torch is imported inside the functions that use it: the data tools (convert.py, 
 import this module too and never need torch.
 """
 
+import contextlib
 import datetime
 import gc
 import json
@@ -40,19 +41,26 @@ def run_main(main):
             distributed.destroy_process_group()
 
 
-def write_text_atomically(path, text):
-    """Write into a temporary file beside `path`, then rename (making the directory first): `path` is
-    never seen half written."""
+@contextlib.contextmanager
+def atomic_file(path, mode="w"):
+    """A file opened in a temporary file beside `path` (its directory made first), renamed to `path` once
+    the block ends: `path` is never seen half written, and a failure leaves no temporary file. ncf.py
+    deletes the `.NAME.*.tmp` files of a run killed while it wrote a checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
+        with os.fdopen(fd, mode) as file:
+            yield file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomically(path, text):
+    with atomic_file(path) as file:
+        file.write(text)
 
 
 def write_json(path, data):
@@ -113,19 +121,11 @@ def atomic_save(obj, path):
     """
     import torch
 
-    path, tmp = Path(path), None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as file:  # a file object: torch.save on a path reports ENOSPC as a RuntimeError
+        with atomic_file(path, "wb") as file:  # a file object: torch.save on a path reports ENOSPC as a RuntimeError
             torch.save(obj, file)
-        os.replace(tmp, path)
-    except BaseException as error:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise CliError(f"cannot write {path}: {error.strerror or error}") from None
-        raise
+    except OSError as error:
+        raise CliError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def read_checkpoint(path):

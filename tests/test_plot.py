@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import plot
+import utils
 from utils import JsonLineLogger, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,7 +218,7 @@ def test_figures_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch, capsys)
         raise OSError(28, "No space left on device")
 
     write_log(log, [(PARAMS, epochs([0.5, 0.1]))])  # another run: other figures
-    monkeypatch.setattr(plot.os, "replace", fail)
+    monkeypatch.setattr(utils.os, "replace", fail)
     with pytest.raises(SystemExit) as exit_:
         run_main(plot.main)
     assert exit_.value.code == 2
