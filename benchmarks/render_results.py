@@ -150,6 +150,36 @@ def convert_bench(results, command):
     return what, table(["measure", "measured", "bar", "met"], rows)
 
 
+def sharding_arithmetic(results, command):
+    a = results["assumptions"]
+    what = (
+        f"Arithmetic, not a measurement ([sharding](sharding.md) gives the formulas): {a['model']} with tables of "
+        f"{' + '.join(map(str, a['table_widths']))} floats per user and per item, {a['comm_bytes']} bytes per float "
+        "sent. Per step and per GPU, MB each GPU sends (and receives): DDP's ring all-reduce of the replicated "
+        "embedding gradients; TorchRec's all-to-all of the looked-up rows and their gradients (table-, column-, "
+        "row-wise with sequence embeddings); row-wise with pooled embeddings (a reduce-scatter of the global "
+        "batch); the dense layers' all-reduce, the same in every layout. Then the largest catalogue (users + items "
+        f"rows) on GPUs of {a['device_memory_gb']:g} GB less {a['headroom']:.0%}: "
+        f"{a['replicated_row_bytes']:,.0f} bytes per replicated row, {a['sharded_row_bytes']:,.0f} per sharded row."
+    )
+    header = ["users x items", "GPUs", "local batch", "DDP all-reduce [MB]", "all-to-all [MB]"]
+    header += ["row-wise pooled [MB]", "dense all-reduce [MB]", "all-reduce / all-to-all", "break-even local batch"]
+    header += ["fits replicated", "fits sharded"]
+    yes = {True: "yes", False: "no"}
+    rows = []
+    for t in results["traffic"]:
+        megabytes = [f"{t[key] / 1e6:,.1f}" for key in ("allreduce_bytes", "alltoall_bytes", "row_wise_pooled_bytes")]
+        even = t["break_even_local_batch"]
+        ratio = [number(t["allreduce_over_alltoall"]), "-" if even is None else f"{even:,.0f}"]
+        rows.append(
+            [f"{t['users']:,} x {t['items']:,}", t["gpus"], f"{t['local_batch']:,}", *megabytes]
+            + [f"{t['dense_allreduce_bytes'] / 1e6:,.1f}", *ratio, yes[t["fits_replicated"]], yes[t["fits_sharded"]]]
+        )
+    capacity = [[c["gpus"], f"{c['replicated_rows']:,}", f"{c['sharded_rows']:,}"] for c in results["capacity"]]
+    header2 = ["GPUs", "largest catalogue, replicated [rows]", "largest catalogue, sharded [rows]"]
+    return what, table(header, rows) + [""] + table(header2, capacity)
+
+
 def generic(results, command):
     """Any other benchmark: a table of its records, or of its figures by name."""
     what = "The benchmark's results as it wrote them."
@@ -183,6 +213,7 @@ LAYOUTS = {
     "benchmarks/baselines.py": ("Baselines", baselines),
     "benchmarks/train_bench.py": ("Training throughput", train_bench),
     "benchmarks/convert_bench.py": ("Data preparation speed", convert_bench),
+    "benchmarks/sharding_arithmetic.py": ("Sharding arithmetic", sharding_arithmetic),
 }
 
 
