@@ -30,12 +30,14 @@ import argparse
 import contextlib
 import csv
 import fcntl
+import gc
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -898,10 +900,29 @@ def import_torch():
     """torch, which writes the tensors; main() imports it in a thread while the file is read, as the import
     takes about as long as converting a file of millions of ratings."""
     try:
-        import torch
+        if "torch" in sys.modules:  # imported already (tests, runs of main() in one process): nothing to freeze
+            import torch
+        else:
+            with garbage_collector_paused():
+                import torch
     except ImportError as error:
         raise CliError(f"cannot import torch, which writes the cache's tensors ({error})") from None
     return torch
+
+
+@contextlib.contextmanager
+def garbage_collector_paused():
+    """The cyclic garbage collector off meanwhile, and what was made meanwhile kept out of its later collections:
+    the import of torch makes some 150,000 lasting objects (none garbage), which its ~380 collections would
+    walk again and again, holding the GIL that the processing in the main thread needs."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def save_tensor(array, path):

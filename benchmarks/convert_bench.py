@@ -17,7 +17,11 @@ exist yet is written there and kept), read it once to warm the page cache, then 
 the order of the steps rotates from one repeat to the next.
 Each measured command runs under its own small wrapper process, so getrusage(RUSAGE_CHILDREN)
 there sees that command alone (not the generator, not the other measurement). Times are the best
-of the repeats, peak RSS the largest. The bars (issue "Speed and memory") are for the ml-20m preset:
+of the repeats, peak RSS the largest. Each process's CPU time (user + system, its threads and children
+included) is printed too: on a machine that other work shares, a process gets only a share of the cores
+(with Linux's autogroups, one per session whatever its threads), so wall-time ratios swing with that
+work while CPU times barely move.
+The bars (issue "Speed and memory") are for the ml-20m preset:
 convert.py <= 60 s, <= 6 GB peak RSS, <= 2.5x the read_csv time; with repeats, convert.py on the file
 with repeats <= 1.5x its time on the file without (issue "First run and real-world data"). Two ratios
 to read_csv are printed: convert.py's process against read_csv's process (like for like), and against
@@ -77,15 +81,16 @@ def measure_child(command):
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    peak_bytes = peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-    report = {"rc": result.returncode, "wall_s": wall, "peak_rss_bytes": peak_bytes}
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_bytes = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024  # Linux reports KiB
+    report = {"rc": result.returncode, "wall_s": wall, "cpu_s": [usage.ru_utime, usage.ru_stime]}
+    report["peak_rss_bytes"] = peak_bytes
     report |= {"stdout": result.stdout, "stderr": result.stderr}
     print(json.dumps(report))
 
 
 def measure(command):
-    """Wall time and peak RSS of COMMAND alone, via a fresh wrapper process."""
+    """Wall time, CPU time and peak RSS of COMMAND alone, via a fresh wrapper process."""
     wrapper = [sys.executable, str(Path(__file__).resolve()), "--measure-child", *map(str, command)]
     result = subprocess.run(wrapper, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
@@ -155,6 +160,7 @@ def run_benchmark(args, workdir):
         warm_page_cache(repeats_csv)
 
     runs = {"read_csv": [], "read_csv_process": [], "read_csv_rss": [], "convert": [], "convert_rss": []}
+    runs |= {"read_csv_cpu": [], "convert_cpu": []}  # [user, system] seconds of each run
     runs |= {"convert_repeats": [], "convert_repeats_rss": []}
 
     def measure_read_csv():
@@ -163,6 +169,7 @@ def run_benchmark(args, workdir):
         seconds, rows = report["stdout"].split()
         runs["read_csv"].append(float(seconds))
         runs["read_csv_process"].append(report["wall_s"])
+        runs["read_csv_cpu"].append(report["cpu_s"])
         runs["read_csv_rss"].append(report["peak_rss_bytes"])
         figures["rows"] = int(rows)
 
@@ -172,6 +179,8 @@ def run_benchmark(args, workdir):
         report = measure([sys.executable, "convert.py", "--path", path, "--format", "ml-20m", "--output", output])
         runs[key].append(report["wall_s"])
         runs[f"{key}_rss"].append(report["peak_rss_bytes"])
+        if key == "convert":
+            runs["convert_cpu"].append(report["cpu_s"])
         meta = json.loads((output / "metadata.json").read_text())
         figures[f"{key}_cache"] = {k: meta[k] for k in ("n_users", "n_items", "n_train", "n_test", "valid_negative")}
         shutil.rmtree(output)
@@ -190,15 +199,20 @@ def run_benchmark(args, workdir):
         "read_csv_runs_s": runs["read_csv"],
         "read_csv_process_runs_s": runs["read_csv_process"],
         "convert_runs_s": runs["convert"],
+        "read_csv_process_cpu_runs_s": runs["read_csv_cpu"],
+        "convert_cpu_runs_s": runs["convert_cpu"],
         "read_csv_s": min(runs["read_csv"]),
         "read_csv_process_s": min(runs["read_csv_process"]),
         "read_csv_peak_rss_gb": max(runs["read_csv_rss"]) / 1e9,
         "convert_s": min(runs["convert"]),
         "convert_peak_rss_gb": max(runs["convert_rss"]) / 1e9,
+        "read_csv_process_cpu_s": min(map(sum, runs["read_csv_cpu"])),
+        "convert_cpu_s": min(map(sum, runs["convert_cpu"])),
     }
     figures["cache"] = figures.pop("convert_cache")
     figures["ratio"] = figures["convert_s"] / figures["read_csv_process_s"]
     figures["ratio_to_call"] = figures["convert_s"] / figures["read_csv_s"]
+    figures["cpu_ratio"] = figures["convert_cpu_s"] / figures["read_csv_process_cpu_s"]  # no bar: a diagnostic
     figures["bars"] = dict(BARS)
     figures["meets_bars"] = {key: figures[key] <= bar for key, bar in BARS.items()}
     if repeats_csv is not None:
@@ -214,6 +228,10 @@ def run_benchmark(args, workdir):
         figures["bars"]["repeats_ratio"] = REPEATS_BAR
         figures["meets_bars"]["repeats_ratio"] = figures["repeats_ratio"] <= REPEATS_BAR
     return figures
+
+
+def cpu_runs(runs):
+    return ", ".join(f"{user:.2f} + {system:.2f}" for user, system in runs)
 
 
 def print_table(figures):
@@ -239,6 +257,11 @@ def print_table(figures):
         f"  {'convert / read_csv process':<32}{figures['ratio']:>10.2f} x{'<= 2.5 x':>10}{mark[ok['ratio']]:>6}{note}",
         f"  {'convert / read_csv call':<32}{figures['ratio_to_call']:>10.2f} x{'<= 2.5 x':>10}"
         f"{mark[ok['ratio_to_call']]:>6}{note}",
+        f"  {'pandas.read_csv process CPU':<32}{figures['read_csv_process_cpu_s']:>10.2f} s"
+        f"   (user + system per run: {cpu_runs(figures['read_csv_process_cpu_runs_s'])})",
+        f"  {'convert.py CPU':<32}{figures['convert_cpu_s']:>10.2f} s"
+        f"   (user + system per run: {cpu_runs(figures['convert_cpu_runs_s'])})",
+        f"  {'convert / read_csv CPU':<32}{figures['cpu_ratio']:>10.2f} x",
     ]
     if "repeats_ratio" in figures:
         share = f"{figures['repeated_share']:.0%} repeats"

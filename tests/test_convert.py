@@ -2,6 +2,7 @@
 and the real MovieLens files (skipped when ../shared/data is absent)."""
 
 import fcntl
+import gc
 import hashlib
 import itertools
 import json
@@ -1053,26 +1054,36 @@ def test_every_tensor_file_of_a_cache_loads_memory_mapped(tmp_path):
 
 def test_numeric_files_convert_without_pandas_and_import_torch_off_the_main_thread(tmp_path):
     """pandas is needed only by string ids; torch, which writes the tensors, is imported by a background
-    thread while the main thread reads and processes the file."""
+    thread while the main thread reads and processes the file, with the cyclic garbage collector off (its
+    collections would walk the import's objects hundreds of times, holding the GIL the processing needs);
+    those objects are frozen out of later collections, and the collector is back on afterwards."""
     ratings = tmp_path / "ratings.csv"
     ratings.write_text("userId,movieId,rating,timestamp\n" + "".join(f"1,{i},4.0,{i}\n" for i in range(30)))
     code = """
-import sys, threading
+import gc, sys, threading
 torch_importers = []
 class SpyOnTorch:  # asked for a module's spec before it is imported, in the importing thread
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
-            torch_importers.append(threading.current_thread() is threading.main_thread())
+            torch_importers.append((threading.current_thread() is threading.main_thread(), gc.isenabled()))
 sys.meta_path.insert(0, SpyOnTorch())
 sys.argv = ["convert.py", "--path", sys.argv[1], "--output", sys.argv[2], "--valid_negative", "5"]
 import convert
 convert.main()
-print(torch_importers, "pandas" in sys.modules)
+print(torch_importers, "pandas" in sys.modules, gc.isenabled(), gc.get_freeze_count() > 0)
 """
     result = subprocess.run([sys.executable, "-c", code, ratings, tmp_path / "cache"], cwd=ROOT, capture_output=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.decode().splitlines()[-1] == "[False] False"  # torch by another thread, once; no pandas
+    # torch by another thread, once, the collector off; no pandas; the collector on again, torch's objects frozen
+    assert result.stdout.decode().splitlines()[-1] == "[(False, False)] False True True"
     assert convert.read_metadata(tmp_path / "cache")["n_train"] == 29
+
+
+def test_torch_imported_already_leaves_the_garbage_collector_alone():
+    """Runs in one process after the first (tests, a notebook) freeze nothing: only the first import does."""
+    frozen = gc.get_freeze_count()
+    assert convert.import_torch() is torch
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
 
 
 def test_a_torch_that_cannot_be_imported_is_a_one_line_error(small_caches, tmp_path):
