@@ -13,6 +13,7 @@ asks for sharding: it adds seconds to start-up.
 
 import copy
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -21,6 +22,8 @@ from utils import CliError
 
 KINDS = ("none", "auto", "table_wise", "column_wise", "row_wise")
 CPU_TABLE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")  # fbgemm's CPU kernels have no Adam
+# TorchRec 1.8's sharded state dicts are ShardedTensors, which torch deprecates (each use warns)
+warnings.filterwarnings("ignore", "Please use DTensor instead", FutureWarning)
 INSTALL = 'pip install -e ".[sharding]" && pip install --no-deps torchrec==1.8.0 (or ./setup_env.sh ".[sharding]")'
 
 
@@ -102,8 +105,8 @@ def column_partition(dim, world_size):
 
 
 def plan(loss_module, sharder, kind, world_size, device):
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-    from torchrec.distributed.planner.types import PlannerError
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+    from torchrec.distributed.planner.types import KernelConfig, PlannerError, TopologyFactory, TrainerConfig
     from torchrec.distributed.types import ShardingType
 
     # auto: the planner's choice among the kinds that shard (data-parallel tables would skip the fused optimizers)
@@ -120,7 +123,11 @@ def plan(loss_module, sharder, kind, world_size, device):
         for name, table in loss_module.model.named_children()
         if isinstance(table, TableLookup)
     }
-    topology = Topology(world_size=world_size, compute_device=device.type)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=world_size, local_world_size=local_world_size),
+        kernel_config=KernelConfig(compute_device=device.type),
+    )
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     try:
         return planner.collective_plan(loss_module, [sharder], torch.distributed.GroupMember.WORLD)
