@@ -155,19 +155,20 @@ def fused_params(args):
 def shard(loss_module, args, device, world_size, make_optimizer):
     """(ShardedNeuMF for evaluation and checkpoints, the DMP to train through, the optimizer).
 
-    loss_module's model stays the full model evaluation uses; a copy of the loss trains with TableLookups.
+    loss_module's model trains with TableLookups in place of its tables (the loss is the one ncf.py
+    starts each epoch of); a copy of it, full, is what evaluation and checkpoints see.
     make_optimizer(module, args, device) is ncf.py's: the dense layers' optimizer."""
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
 
-    training = copy.deepcopy(loss_module)
-    for name in table_names(training.model):
-        setattr(training.model, name, TableLookup(name, getattr(training.model, name)))
+    full, training = copy.deepcopy(loss_module.model), loss_module.model
+    for name in table_names(training):
+        setattr(training, name, TableLookup(name, getattr(training, name)))
     sharder = EmbeddingCollectionSharder(fused_params=fused_params(args))
-    placement = plan(training, sharder, args.embedding_sharding, world_size, device)
-    dmp = DistributedModelParallel(training, device=device, plan=placement, sharders=[sharder])
-    optimizer = ShardedOptimizer(dmp, loss_module.model, lambda dense: make_optimizer(dense, args, device))
-    return ShardedNeuMF(dmp, loss_module.model, optimizer), dmp, optimizer
+    placement = plan(loss_module, sharder, args.embedding_sharding, world_size, device)
+    dmp = DistributedModelParallel(loss_module, device=device, plan=placement, sharders=[sharder])
+    optimizer = ShardedOptimizer(dmp, full, lambda dense: make_optimizer(dense, args, device))
+    return ShardedNeuMF(dmp, full, optimizer), dmp, optimizer
 
 
 def local_slices(sharded):

@@ -80,6 +80,21 @@ def test_sharded_tables_train_as_replicated_ones(replicated, sharded, kind, mode
     assert_close_models(state(ours.dir / "last.pth")["model"], state(theirs.dir / "last.pth")["model"])
 
 
+def test_validation_patience_l2_sampled_softmax_and_amp_train_as_replicated(tiny_validation_cache, tmp_path):
+    """The L2 term and the sampled softmax look the tables up again (a second fused SGD update, which adds
+    up as one); bf16 autocast leaves the tables' lookups in fp32 either way."""
+    flags = [*SMALL, "-b", "4096", "--optimizer", "sgd", "-l", "1", "-e", "3", "--loss", "sampled_softmax",
+             "--softmax_negatives", "50", "--l2_regularization", "0.01", "--amp", "--patience", "1"]  # fmt: skip
+    theirs = train(tiny_validation_cache, tmp_path / "replicated", *flags)
+    ours = train(tiny_validation_cache, tmp_path / "sharded", *flags, "--embedding_sharding", "row_wise")
+    assert len(ours.epochs) == len(theirs.epochs) >= 2
+    for a, b in zip(ours.epochs, theirs.epochs, strict=True):
+        for key in ("train_loss", "val_hr@10", "val_ndcg@10", "hr@10"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert ours.final["best_val_accuracy"] == pytest.approx(theirs.final["best_val_accuracy"], abs=1e-6)
+    assert ours.epochs[-1]["train_loss"] < ours.epochs[0]["train_loss"]
+
+
 def recommendations(cache, model_path, output):
     command = [sys.executable, "inference.py", "--mode", "recommend", "--data", cache, "--load_checkpoint_path",
                model_path, "--users", "1", "2", "3", "4", "--topk", "5", "--output", output]  # fmt: skip
