@@ -178,11 +178,12 @@ def local_slices(sharded):
         yield tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True)), shard.tensor
 
 
-def gather(sharded):
-    """The full tensor of a ShardedTensor on every rank: each rank fills in its shards, a sum adds them up."""
-    full = torch.zeros(sharded.size(), dtype=sharded.dtype)
+def gather(sharded, device):
+    """The full tensor of a ShardedTensor on every rank: each rank fills in its shards, a sum adds them up
+    (on `device`, the run's: NCCL reduces CUDA tensors only)."""
+    full = torch.zeros(sharded.size(), dtype=sharded.dtype, device=device)
     for slices, local in local_slices(sharded):
-        full[slices] = local.detach().cpu()
+        full[slices] = local.detach()
     torch.distributed.all_reduce(full)
     return full
 
@@ -206,7 +207,7 @@ class ShardedNeuMF:
         and the table optimizers' state for last.pth."""
         state = {}
         for key, value in self.dmp.state_dict().items():
-            state[full_name(key)] = gather(value) if hasattr(value, "local_shards") else value
+            state[full_name(key)] = gather(value, self.dmp.device) if hasattr(value, "local_shards") else value
         self.full.load_state_dict(state)
         self.optimizer.gather_tables()
         return self.full.eval()
@@ -261,7 +262,9 @@ class ShardedOptimizer:
         """Every table's fused optimizer state, full, on every rank (a table-wise shard's state is only
         on its rank: the ranks first agree on what there is)."""
         local = self.local_table_state()
-        shapes = {key: {name: value.size() for name, value in states.items()} for key, states in local.items()}
+        shapes = {
+            key: {name: (value.size(), value.dtype) for name, value in states.items()} for key, states in local.items()
+        }
         everyone = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(everyone, shapes)
         self.tables = {}
@@ -269,12 +272,12 @@ class ShardedOptimizer:
             names = sorted({name for shapes in everyone for name in shapes.get(key, {})})
             self.tables[key] = {}
             for name in names:
-                size = next(shapes[key][name] for shapes in everyone if name in shapes.get(key, {}))
-                full = torch.zeros(size)
+                size, dtype = next(shapes[key][name] for shapes in everyone if name in shapes.get(key, {}))
+                full = torch.zeros(size, dtype=dtype, device=self.dmp.device)
                 for slices, part in local_slices(local[key][name]) if key in local else ():
-                    full[slices] = part.detach().cpu()
+                    full[slices] = part.detach()
                 torch.distributed.all_reduce(full)
-                self.tables[key][name] = full
+                self.tables[key][name] = full.cpu()
 
     def state_dict(self):
         dense = self.dense.state_dict()

@@ -160,19 +160,24 @@ def test_a_replicated_run_refuses_a_sharded_table_state():
     sharding.check_replicated_resume(saved | {"tables": {"mf_user_embed.weight": {}}}, "last.pth")  # SGD: none
 
 
+def test_adam_with_sharded_tables_on_cpu_is_one_line(tiny_cache, tmp_path):
+    run = run_ncf("--data", tiny_cache, *SMALL, "--embedding_sharding", "row_wise", log_path=tmp_path / "log.json")
+    assert_clean_error(run, "--optimizer adam with --embedding_sharding on CPU", "sgd, adagrad, rowwise_adagrad")
+
+
 @pytest.mark.parametrize(
     ("flags", "fragment"),
     [
-        (["--embedding_sharding", "row_wise"], "fbgemm's CPU table optimizers are sgd, adagrad, rowwise_adagrad"),
         (["--optimizer", "adagrad"], "--optimizer adagrad is a fused optimizer of sharded tables"),
         (["--embedding_sharding", "auto", "--optimizer", "sgd"], "needs several processes"),
         (["--embedding_sharding", "auto", "--optimizer", "sgd", "--grads_accumulated", "2"], "step every batch"),
         (["--embedding_sharding", "auto", "--optimizer", "sgd", "--loss", "softmax"], "whole item table"),
     ],
 )
-def test_what_sharding_cannot_do_is_one_line(tiny_cache, tmp_path, flags, fragment):
-    run = run_ncf("--data", tiny_cache, *SMALL, *flags, "--checkpoint_dir", tmp_path, log_path=tmp_path / "log.json")
-    assert_clean_error(run, fragment)
+def test_what_sharding_cannot_do_is_refused(tiny_cache, flags, fragment, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2" if "several" not in fragment else "1")
+    with pytest.raises(ncf.CliError, match=fragment):
+        ncf.parse_args(["--data", str(tiny_cache), *flags])
 
 
 def test_an_unknown_kind_is_refused(tiny_cache, tmp_path):
