@@ -204,7 +204,11 @@ class ShardedNeuMF:
     @torch.no_grad()
     def eval(self):
         """Gather the shards into the full model (every rank together: evaluation starts on all of them),
-        and the table optimizers' state for last.pth."""
+        and the table optimizers' state for last.pth, unless nothing has stepped since the last time
+        (the test split after the validation one)."""
+        if not self.optimizer.stepped:
+            return self.full.eval()
+        self.optimizer.stepped = False
         state = {}
         for key, value in self.dmp.state_dict().items():
             state[full_name(key)] = gather(value, self.dmp.device) if hasattr(value, "local_shards") else value
@@ -242,10 +246,11 @@ class ShardedOptimizer:
         self.defaults = self.dense.defaults
         self.index = {name: i for i, (name, _) in enumerate(full.named_parameters())}  # the replicated layout
         self.dense_index = [self.index[full_name(name)] for name, _ in dense]
-        self.tables = {}
+        self.tables, self.stepped = {}, True
 
     def step(self):
         self.dense.step()
+        self.stepped = True  # and so have the tables, in the backward pass
 
     def zero_grad(self):
         self.dense.zero_grad()
