@@ -307,6 +307,11 @@ class ShardedOptimizer:
             for name, value in states.items():
                 if key not in saved.get("tables", {}) or name not in saved["tables"][key]:
                     raise ValueError(f"no {name} state of {key}")
+                if saved["tables"][key][name].shape != value.size():  # row-wise Adagrad's, per column block
+                    raise CliError(
+                        f"last.pth's {name} of {key} is {list(saved['tables'][key][name].shape)}, this layout's "
+                        f"{list(value.size())}: resume it with the run's --embedding_sharding and number of processes"
+                    )
                 scatter(saved["tables"][key][name], value)
 
 

@@ -152,6 +152,20 @@ def test_resume_across_layouts_and_world_sizes(tiny_cache, replicated, sharded, 
     assert_close_models(state(tmp_path / "b" / "model.pth"), uninterrupted)
 
 
+def test_row_wise_adagrad_state_of_column_blocks_resumes_only_on_its_layout(tiny_cache, tmp_path):
+    """Column-wise shards keep one row-wise Adagrad sum per row and column block: another layout has none
+    to take it."""
+    flags = [*SMALL, "-b", "4096", "--optimizer", "rowwise_adagrad", "-l", "0.1"]
+    train(tiny_cache, tmp_path, *flags, "-e", 1, "--embedding_sharding", "column_wise")
+    assert state(tmp_path / "last.pth")["optimizer"]["tables"]["mf_user_embed.weight"]["momentum1"].shape == (120,)
+    run = run_ncf(
+        "--data", tiny_cache, *flags, "-e", 2, "--resume", "--embedding_sharding", "row_wise",
+        "--checkpoint_dir", tmp_path, log_path=tmp_path / "b.json", launcher=torchrun(),
+    )  # fmt: skip
+    assert run.returncode != 0 and "ncf.py: error: last.pth's momentum1" in run.stderr  # (torchrun adds its own lines)
+    assert "resume it with the run's --embedding_sharding and number of processes" in run.stderr
+
+
 def test_a_replicated_run_refuses_a_sharded_table_state():
     """Only CUDA has a stateful optimizer (Adam) under both layouts: its fused state is fbgemm's, not torch's."""
     saved = {"state": {}, "param_groups": [{}], "tables": {"mf_user_embed.weight": {"momentum1": torch.ones(2)}}}
