@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+import sharding
 from dataloading import FullRanking, TrainBatches, load_cache, make_evaluator, metrics_from_histogram, rank_histogram
 from neumf import MODELS, NeuMF
 from utils import (
@@ -100,7 +101,20 @@ def parse_args(argv=None):
     parser.add_argument("-b2", "--beta2", type=float, default=0.5, help="Adam beta2")
     parser.add_argument("--eps", type=float, default=1e-8, help="Adam epsilon")
     parser.add_argument("--dropout", type=float, default=0.5, help="dropout after each MLP layer (0 disables it)")
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="sgd: plain SGD, no momentum")
+    parser.add_argument(
+        "--optimizer",
+        choices=["adam", "sgd", "adagrad", "rowwise_adagrad"],
+        default="adam",
+        help="sgd: plain SGD, no momentum; adagrad, rowwise_adagrad: fbgemm's for sharded tables "
+        "(--embedding_sharding), torch's Adagrad for the dense layers",
+    )
+    parser.add_argument(
+        "--embedding_sharding",
+        choices=sharding.KINDS,
+        default="none",
+        help="none: every rank holds every table (DDP); else the tables are sharded across the ranks with TorchRec: "
+        "auto as its planner chooses, or table_wise, column_wise, row_wise (training only)",
+    )
     parser.add_argument(
         "--l2_regularization",
         type=float,
@@ -158,6 +172,7 @@ def check_args(args):
     if args.patience is not None and args.patience < 1:
         raise CliError("--patience must be at least 1")
     check_loss_args(args)
+    sharding.check_args(args)
     if any(size < 1 for size in args.layers) or args.layers[0] % 2:
         raise CliError(f"--layers must be positive and the first one even (user and item halves), got {args.layers}")
     in_range = {  # name: (low, high, high included); NaN is in no range
@@ -413,6 +428,8 @@ def make_optimizer(model, args, device):
     """
     if args.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=args.learning_rate, fused=True)
+    if args.optimizer in ("adagrad", "rowwise_adagrad"):  # the dense layers of a run whose tables use fbgemm's
+        return torch.optim.Adagrad(model.parameters(), lr=args.learning_rate, eps=args.eps)
     settings = dict(lr=args.learning_rate, betas=(args.beta1, args.beta2), eps=args.eps)
     if device.type == "cuda" and not args.amp:
         try:
@@ -521,6 +538,8 @@ def load_training_state(path, model, optimizer, scaler, data, args):
     if other:
         raise CliError(f"{path} is another run: {', '.join(other)}; resume with the run's settings or start a new run")
     load_model_weights(model, path, model_state(state, path))
+    if args.embedding_sharding == "none":
+        sharding.check_replicated_resume(state.get("optimizer", {}), path)
     try:
         optimizer.load_state_dict(optimizer_state_for(optimizer, state["optimizer"], path))
         if state["scaler"] or not scaler.is_enabled():
@@ -627,7 +646,12 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
             f"makes {len(train_batches)} batches of this data: lower one of them"
         )
     autocast = make_autocast(args, device)
-    optimizer = make_optimizer(model, args, device)
+    loss_module = make_loss(args, model, data.n_items)
+    if args.embedding_sharding == "none":
+        optimizer = make_optimizer(model, args, device)
+        ddp_loss = DistributedDataParallel(loss_module) if world_size > 1 else loss_module
+    else:  # the tables train sharded; `model` is then the full model that evaluation and checkpoints see
+        model, ddp_loss, optimizer = sharding.shard(loss_module, args, device, world_size, make_optimizer)
     scaler = make_scaler(args, device)
     validating = "valid" in evaluators
     selected, best_key = (f"val_hr@{args.topk}", "val_hr") if validating else (f"hr@{args.topk}", "hr")
@@ -639,12 +663,11 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
         log(f"resuming after epoch {first_epoch - 1} (best {selected} {best[best_key]:.4f})")
     elif args.load_checkpoint_path:
         load_model_weights(model, args.load_checkpoint_path)
-    loss_module = make_loss(args, model, data.n_items)
-    ddp_loss = DistributedDataParallel(loss_module) if world_size > 1 else loss_module
     log(
         f"{args.model}: {data.n_users:,} users, {data.n_items:,} items, {len(data.train):,} positives; "
         f"{args.loss} loss; "
         f"{world_size} process(es) on {device}; seed {seed}; {args.eval_protocol} evaluation protocol"
+        + (f"; tables sharded {args.embedding_sharding}" if args.embedding_sharding != "none" else "")
         + ("; model selection on the validation split" if validating else "")
     )
 

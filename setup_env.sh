@@ -19,5 +19,9 @@ wanted="${TORCH_SPEC:-torch} $root $target $(md5sum < "$root/pyproject.toml")"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     python -m pip install --quiet --disable-pip-version-check "${TORCH_SPEC:-torch}" -e "$target" \
         || { echo "setup_env.sh: installing ${TORCH_SPEC:-torch} and $target failed" >&2; exit 1; }
+    case "$target" in  # the 'sharding' extra's TorchRec, without the CUDA fbgemm-gpu its metadata asks for
+        *dev*|*sharding*) python -m pip install --quiet --disable-pip-version-check --no-deps torchrec==1.8.0 \
+            || { echo "setup_env.sh: installing torchrec failed" >&2; exit 1; } ;;
+    esac
     echo "$wanted" > "$stamp"
 fi

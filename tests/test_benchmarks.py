@@ -345,3 +345,24 @@ def test_benchmark_json_names_its_command_date_machine_and_versions(tiny_cache, 
     assert re.fullmatch(r"\d{4}-\d\d-\d\d", provenance["date"])
     assert provenance["machine"]["cores"] == os.cpu_count() and provenance["machine"]["gpus"] == []
     assert provenance["versions"]["torch"] == torch.__version__
+
+
+def test_sharding_bench_halves_the_table_state_on_two_ranks(tmp_path):
+    pytest.importorskip("torchrec", reason="the 'sharding' extra (TorchRec) is not installed")
+    result = run(
+        "benchmarks/sharding_bench.py", "--users", 400, "--items", 200, "--batch_size", 512, "--steps", 2,
+        "--warmup", 1, "--json", tmp_path / "s.json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    header, rows = table(result.stdout)
+    assert header[0] == "tables" and [row[0] for row in rows] == ["replicated", "table_wise", "column_wise", "row_wise"]
+    layouts = json.loads((tmp_path / "s.json").read_text())["results"]["layouts"]
+    replicated = layouts["none"]
+    # 400 + 200 rows of 32 + 32 floats, and Adagrad's sums of the same size (its step counts aside)
+    assert replicated["table_bytes"] == (400 + 200) * 64 * 4
+    assert replicated["optimizer_bytes"] >= replicated["table_bytes"]
+    for kind in ("column_wise", "row_wise"):  # even splits: each of 2 ranks holds half of every table
+        assert layouts[kind]["table_bytes"] == replicated["table_bytes"] // 2
+        assert layouts[kind]["optimizer_bytes"] == replicated["table_bytes"] // 2
+        assert layouts[kind]["bytes_ratio"] == pytest.approx(0.5, abs=0.01)
+    assert layouts["table_wise"]["table_bytes"] < replicated["table_bytes"]

@@ -144,10 +144,15 @@ def source_setup_env(tmp_path, target, torch_spec):
 
 def test_setup_env_installs_the_project_once_per_torch_checkout_and_target(tmp_path):
     install = "-m pip install --quiet --disable-pip-version-check torch==2.13.0 -e .[dev]"
-    assert source_setup_env(tmp_path, ".[dev]", "torch==2.13.0") == [install]
+    torchrec = "-m pip install --quiet --disable-pip-version-check --no-deps torchrec==1.8.0"  # dev has sharding
+    assert source_setup_env(tmp_path, ".[dev]", "torch==2.13.0") == [install, torchrec]
     stamp = (tmp_path / "env" / ".ncf-install").read_text()
     md5 = hashlib.md5((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     assert stamp == f"torch==2.13.0 {ROOT} .[dev] {md5}  -\n"
-    assert source_setup_env(tmp_path, ".[dev]", "torch==2.13.0") == [install]  # nothing new to install
-    assert source_setup_env(tmp_path, ".", "torch==2.13.0")[1:] == [install.replace(".[dev]", ".")]
-    assert source_setup_env(tmp_path, ".", "torch")[2:] == [install.replace("torch==2.13.0 -e .[dev]", "torch -e .")]
+    assert source_setup_env(tmp_path, ".[dev]", "torch==2.13.0") == [install, torchrec]  # nothing new to install
+    assert source_setup_env(tmp_path, ".", "torch==2.13.0")[2:] == [install.replace(".[dev]", ".")]
+    assert source_setup_env(tmp_path, ".", "torch")[3:] == [install.replace("torch==2.13.0 -e .[dev]", "torch -e .")]
+    assert source_setup_env(tmp_path, ".[sharding]", "torch")[4:] == [
+        install.replace("torch==2.13.0 -e .[dev]", "torch -e .[sharding]"),
+        torchrec,
+    ]
