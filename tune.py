@@ -103,9 +103,9 @@ def default_space(model, n_train, pretrained):
     negatives = IntDistribution(1, 10)
     # Batches from about 20 steps an epoch down to 256 times smaller: a small dataset learns nothing
     # from a few huge steps, a large one learns too slowly from tiny ones. An epoch is n_train * (1 +
-    # negatives) samples: the largest batch is sized at the fewest negatives, so that no trial takes
-    # fewer steps whatever number of negatives it draws.
-    top = 2 ** min(20, max(10, round(math.log2(n_train * (1 + negatives.low) / 20))))
+    # negatives) samples under BCE and n_train under a softmax loss (positives only): the largest batch
+    # is sized at the smallest epoch, so that no trial takes fewer steps whatever loss and negatives it draws.
+    top = 2 ** min(20, max(10, round(math.log2(n_train / 20))))
     space = {"optimizer": CategoricalDistribution(["adam", "sgd"])} if pretrained else {}
     space |= {
         "loss": CategoricalDistribution(list(ncf.LOSSES)),  # before its parameters: they depend on it

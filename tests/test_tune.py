@@ -278,14 +278,16 @@ def test_pretrained_neumf_searches_the_fine_tuning(tiny_validation_cache, tmp_pa
 
 
 @pytest.mark.parametrize("n_train", [100_000, 1_000_000, 20_000_000])
-def test_the_largest_batch_takes_about_20_steps_an_epoch_at_any_number_of_negatives(n_train):
-    """An epoch is n_train * (1 + negatives) samples; the largest batch searched, a power of two, is at most
-    sqrt(2) times an epoch's twentieth at every number of negatives searched (few huge steps learn nothing),
-    and the smallest is 256 times smaller (or 256)."""
+def test_the_largest_batch_takes_about_20_steps_an_epoch_under_any_loss_and_number_of_negatives(n_train):
+    """An epoch is n_train * (1 + negatives) samples under BCE and n_train under a softmax loss; the largest
+    batch searched, a power of two, is at most sqrt(2) times an epoch's twentieth under every loss and number
+    of negatives searched (few huge steps learn nothing), and the smallest is 256 times smaller (or 256)."""
     space = tune.default_space("neumf", n_train, pretrained=False)
     batch, negatives = space["batch_size"], space["negative_samples"]
-    for n in range(negatives.low, negatives.high + 1):
-        assert batch.high <= n_train * (1 + n) / 20 * 2**0.5, n
+    assert set(space["loss"].choices) == {"bce", "softmax", "sampled_softmax"}
+    epochs = [n_train] + [n_train * (1 + n) for n in range(negatives.low, negatives.high + 1)]
+    for samples in epochs:
+        assert batch.high <= samples / 20 * 2**0.5, samples
     assert batch.low == max(256, batch.high // 256)
 
 
