@@ -178,14 +178,13 @@ def local_slices(sharded):
         yield tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True)), shard.tensor
 
 
-def gather(sharded, device):
-    """The full tensor of a ShardedTensor on every rank: each rank fills in its shards, a sum adds them up
-    (on `device`, the run's: NCCL reduces CUDA tensors only)."""
-    full = torch.zeros(sharded.size(), dtype=sharded.dtype, device=device)
+def gather_into(full, sharded):
+    """Fill `full` (the run's device: NCCL reduces CUDA tensors only) with a ShardedTensor on every rank:
+    each rank writes its shards into zeros, a sum adds them up."""
+    full.zero_()
     for slices, local in local_slices(sharded):
         full[slices] = local.detach()
     torch.distributed.all_reduce(full)
-    return full
 
 
 @torch.no_grad()
@@ -209,10 +208,15 @@ class ShardedNeuMF:
         if not self.optimizer.stepped:
             return self.full.eval()
         self.optimizer.stepped = False
-        state = {}
-        for key, value in self.dmp.state_dict().items():
-            state[full_name(key)] = gather(value, self.dmp.device) if hasattr(value, "local_shards") else value
-        self.full.load_state_dict(state)
+        # in place, one table at a time: the full model is the only full copy of the tables on a rank
+        own, shards = self.full.state_dict(), self.dmp.state_dict()
+        if own.keys() != {full_name(key) for key in shards}:
+            raise RuntimeError(f"the sharded model's {sorted(shards)} are not NeuMF's {sorted(own)}")
+        for key, value in shards.items():
+            if hasattr(value, "local_shards"):
+                gather_into(own[full_name(key)], value)
+            else:
+                own[full_name(key)].copy_(value)
         self.optimizer.gather_tables()
         return self.full.eval()
 
@@ -235,7 +239,8 @@ class ShardedNeuMF:
 class ShardedOptimizer:
     """The dense layers' torch.optim optimizer, with the state dict of one optimizer over the full
     NeuMF's parameters (a replicated run's layout, so plain SGD resumes across layouts) plus the
-    fused table optimizers' state as full tensors under "tables" ({param name: {state name: tensor}})."""
+    fused table optimizers' state as full tensors under "tables" ({param name: {state name: tensor}}, the
+    tensors on rank 0 only)."""
 
     def __init__(self, dmp, full, make_dense_optimizer):
         from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -264,8 +269,9 @@ class ShardedOptimizer:
         }
 
     def gather_tables(self):
-        """Every table's fused optimizer state, full, on every rank (a table-wise shard's state is only
-        on its rank: the ranks first agree on what there is)."""
+        """Every table's fused optimizer state, full, on rank 0, which writes last.pth (a table-wise shard's
+        state is only on its rank: the ranks first agree on what there is). The other ranks keep none of it:
+        with Adam it is twice the tables."""
         local = self.local_table_state()
         shapes = {
             key: {name: (value.size(), value.dtype) for name, value in states.items()} for key, states in local.items()
@@ -281,8 +287,9 @@ class ShardedOptimizer:
                 full = torch.zeros(size, dtype=dtype, device=self.dmp.device)
                 for slices, part in local_slices(local[key][name]) if key in local else ():
                     full[slices] = part.detach()
-                torch.distributed.all_reduce(full)
-                self.tables[key][name] = full.cpu()
+                torch.distributed.reduce(full, dst=0)
+                if torch.distributed.get_rank() == 0:
+                    self.tables[key][name] = full.cpu()
 
     def state_dict(self):
         dense = self.dense.state_dict()
