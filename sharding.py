@@ -24,7 +24,9 @@ KINDS = ("none", "auto", "table_wise", "column_wise", "row_wise")
 CPU_TABLE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")  # fbgemm's CPU kernels have no Adam
 # TorchRec 1.8's sharded state dicts are ShardedTensors, which torch deprecates (each use warns)
 warnings.filterwarnings("ignore", "Please use DTensor instead", FutureWarning)
-INSTALL = 'pip install -e ".[sharding]" && pip install --no-deps torchrec==1.8.0 (or ./setup_env.sh ".[sharding]")'
+INSTALL = (
+    'pip install -e ".[sharding]" && pip install --no-deps torchrec==1.8.0 (or source ./setup_env.sh ".[sharding]")'
+)
 
 
 def check_args(args):
