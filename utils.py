@@ -31,14 +31,18 @@ def run_main(main):
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
-        # On every path (test mode returns early; errors), leave the process group while the
-        # interpreter is whole. Left to the exit, gloo's worker threads may free tensors (and take
-        # the GIL) during finalization: "terminate called without an active exception", SIGABRT.
-        # gc.collect() first: the DDP model sits in a reference cycle that holds the group alive.
-        distributed = sys.modules.get("torch.distributed")  # None where torch is not (fully) loaded
-        if getattr(distributed, "is_initialized", lambda: False)():
-            gc.collect()
-            distributed.destroy_process_group()
+        leave_process_group()  # on every path: test mode returns early; errors
+
+
+def leave_process_group():
+    """Leave the process group, if any, while the interpreter is whole. Left to the exit, gloo's worker
+    threads may free tensors (and take the GIL) during finalization: "terminate called without an active
+    exception", SIGABRT. gc.collect() first: a DDP or TorchRec model sits in a reference cycle that holds
+    the group alive."""
+    distributed = sys.modules.get("torch.distributed")  # None where torch is not (fully) loaded
+    if getattr(distributed, "is_initialized", lambda: False)():
+        gc.collect()
+        distributed.destroy_process_group()
 
 
 @contextlib.contextmanager

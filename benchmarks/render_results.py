@@ -180,6 +180,23 @@ def sharding_arithmetic(results, command):
     return what, table(header, rows) + [""] + table(header2, capacity)
 
 
+def loss_bench(results, command):
+    what = (
+        f"Whole training epochs of each loss on `{results['data']}` ({results['users']:,} users, "
+        f"{results['items']:,} items, {results['positives']:,} positives), {results['model']}, on "
+        f"{results['device']}, one loss after the other in one process. A softmax loss's batch holds positives "
+        "only and scores its negatives; BCE's holds the positives and their negatives."
+    )
+    header = ["loss", "batch", "negatives per positive", "epoch [s]", "samples/s", "positives/s", "epoch / BCE's"]
+    bce = results["losses"].get("bce", {}).get("epoch_seconds")
+    rows = [
+        [name, f"{r['batch_size']:,}", f"{r['negatives']:,}", number(r["epoch_seconds"]), number(r["samples_per_s"])]
+        + [number(r["positives_per_s"]), "-" if bce is None else f"{r['epoch_seconds'] / bce:.2f}"]
+        for name, r in results["losses"].items()
+    ]
+    return what, table(header, rows)
+
+
 def generic(results, command):
     """Any other benchmark: a table of its records, or of its figures by name."""
     what = "The benchmark's results as it wrote them."
@@ -213,6 +230,7 @@ LAYOUTS = {
     "benchmarks/baselines.py": ("Baselines", baselines),
     "benchmarks/train_bench.py": ("Training throughput", train_bench),
     "benchmarks/convert_bench.py": ("Data preparation speed", convert_bench),
+    "benchmarks/loss_bench.py": ("Cost of the losses", loss_bench),
     "benchmarks/sharding_arithmetic.py": ("Sharding arithmetic", sharding_arithmetic),
 }
 

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 import ncf
 import sharding
 from neumf import NeuMF
-from utils import CliError, Progress, run_main, write_results
+from utils import CliError, Progress, leave_process_group, run_main, write_results
 
 LAYOUTS = ("none", "table_wise", "column_wise", "row_wise")
 
@@ -171,7 +171,7 @@ def worker(rank, args, port):
         if rank == 0:
             report(args, results)
     finally:
-        torch.distributed.destroy_process_group()
+        leave_process_group()
 
 
 def report(args, results):
