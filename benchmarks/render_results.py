@@ -197,6 +197,25 @@ def loss_bench(results, command):
     return what, table(header, rows)
 
 
+def sharding_bench(results, command):
+    a = results["settings"]
+    what = (
+        f"The same NeuMF on the same random batches, replicated (DDP) and under each CPU sharding kind: "
+        f"{a['users']:,} users x {a['items']:,} items, {a['factors']} + {a['layers'][0] // 2} floats a row, "
+        f"{a['optimizer']}, {a['batch_size']:,} samples a step on {a['processes']} gloo processes. Per rank "
+        "(the largest): MB of table rows and of table optimizer state (the full model copy sharded `ncf.py` "
+        "runs also keep for evaluation is not counted), and seconds per step."
+    )
+    header = ["tables", "table MB/rank", "optimizer MB/rank", "total / replicated", "step [s]", "step / replicated"]
+    rows = [
+        ["replicated" if layout == "none" else layout, f"{r['table_bytes'] / 2**20:,.1f}"]
+        + [f"{r['optimizer_bytes'] / 2**20:,.1f}", f"{r['bytes_ratio']:.2f}", number(r["step_s"])]
+        + [f"{r['step_ratio']:.2f}"]
+        for layout, r in results["layouts"].items()
+    ]
+    return what, table(header, rows)
+
+
 def generic(results, command):
     """Any other benchmark: a table of its records, or of its figures by name."""
     what = "The benchmark's results as it wrote them."
@@ -232,6 +251,7 @@ LAYOUTS = {
     "benchmarks/convert_bench.py": ("Data preparation speed", convert_bench),
     "benchmarks/loss_bench.py": ("Cost of the losses", loss_bench),
     "benchmarks/sharding_arithmetic.py": ("Sharding arithmetic", sharding_arithmetic),
+    "benchmarks/sharding_bench.py": ("Sharded tables", sharding_bench),
 }
 
 
