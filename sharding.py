@@ -56,6 +56,13 @@ def check_args(args):
             "--loss softmax with --embedding_sharding: it looks up the whole item table for every block of users; "
             "use --loss sampled_softmax or bce"
         )
+    if args.optimizer != "sgd" and (args.loss == "sampled_softmax" or args.l2_regularization):
+        # each lookup's backward runs its own fused update; only SGD's updates add up to the combined one
+        raise CliError(
+            f"--optimizer {args.optimizer} with --embedding_sharding and --loss sampled_softmax or "
+            "--l2_regularization: these look a table up twice a step, and the fused optimizer would update its "
+            "rows once per lookup; use --optimizer sgd"
+        )
     if args.amp and cuda:
         raise CliError("--amp with --embedding_sharding on CUDA: fp16 loss scaling would scale the fused table updates")
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:

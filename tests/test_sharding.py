@@ -177,6 +177,8 @@ def test_a_replicated_run_refuses_a_sharded_table_state():
         (["--embedding_sharding", "auto", "--optimizer", "sgd"], "needs several processes"),
         (["--embedding_sharding", "auto", "--optimizer", "sgd", "--grads_accumulated", "2"], "step every batch"),
         (["--embedding_sharding", "auto", "--optimizer", "sgd", "--loss", "softmax"], "whole item table"),
+        (["--embedding_sharding", "auto", "--optimizer", "adagrad", "--loss", "sampled_softmax"], "once per lookup"),
+        (["--embedding_sharding", "auto", "--optimizer", "rowwise_adagrad", "--l2_regularization", "1"], "lookup"),
     ],
 )
 def test_what_sharding_cannot_do_is_refused(tiny_cache, flags, fragment, monkeypatch):
