@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import shlex
+import socket
 import sys
 import tempfile
 import time
@@ -43,6 +44,13 @@ def leave_process_group():
     if getattr(distributed, "is_initialized", lambda: False)():
         gc.collect()
         distributed.destroy_process_group()
+
+
+def free_port():
+    """A TCP port of 127.0.0.1 that nothing listens on now: the rendezvous of a run's local gloo processes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ runs also keep on every rank for evaluation and checkpoints.
 import argparse
 import contextlib
 import os
-import socket
 import time
 from types import SimpleNamespace
 
@@ -28,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 import ncf
 import sharding
 from neumf import NeuMF
-from utils import CliError, Progress, leave_process_group, run_main, write_results
+from utils import CliError, Progress, free_port, leave_process_group, run_main, write_results
 
 LAYOUTS = ("none", "table_wise", "column_wise", "row_wise")
 
@@ -193,12 +192,6 @@ def report(args, results):
         )
     if args.json is not None:
         write_results(args.json, {"settings": vars(args), "layouts": results})
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main():

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import types
@@ -26,7 +25,7 @@ import utils
 from convert import FORMAT_VERSION
 from dataloading import TrainBatches
 from neumf import NeuMF
-from utils import CliError, Progress
+from utils import CliError, Progress, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,12 +112,6 @@ def read_log(path):
     lines = path.read_text().splitlines()
     assert all(line.startswith("DLLL ") for line in lines), lines
     return [json.loads(line.removeprefix("DLLL ")) for line in lines]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun():

@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +39,7 @@ from dataloading import (
     rank_histogram,
 )
 from neumf import NeuMF
-from utils import CliError
+from utils import CliError, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["-f", "8", "--layers", "16", "8", "--seed", "3"]
@@ -495,12 +494,6 @@ def test_the_valid_split_needs_a_validation_cache(tiny_cache):
 
 
 # --- the command line ---------------------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_ncf(*args, log_path, processes=1):
