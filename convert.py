@@ -42,12 +42,18 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
+# numpy advises the kernel to back large arrays with huge pages; where the kernel answers that advice by
+# compacting memory on the first touch (transparent_hugepage/defrag "madvise", the default of many
+# distributions), each of the pipeline's large temporaries waits for it: system time that varied threefold
+# from run to run (benchmarks/convert_bench.py). Read by numpy at import; a user's own setting wins.
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
-from utils import CliError, run_main
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.csv as pacsv  # noqa: E402
+
+from utils import CliError, run_main  # noqa: E402
 
 FORMAT_VERSION = 2  # 2: int32 tensors (1: int64)
 SORT_BLOCK_ROWS = 4096  # rows per block when sorting a file grouped by user

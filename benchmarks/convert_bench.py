@@ -10,6 +10,8 @@ exist yet is written there and kept), read it once to warm the page cache, then 
   (a) run `pandas.read_csv(path)` (default engine, all columns) in a child process: the time of the
       call alone, and the wall time of the whole process (interpreter start, `import pandas`, exit);
   (b) run `convert.py --format ml-20m` end to end as a child process: wall time and peak RSS;
+  (b') run a process that only imports torch: the least any program that writes torch.save files (as
+      convert.py does) can take, whatever the file;
   (c) with --repeated_share S: run convert.py likewise on a file of the same number of rows in which
       a share S of the rows repeat a (user, item) pair of the same file (an interaction log's plays
       or clicks), made from the synthetic file: each such row takes the item of another row of its
@@ -56,6 +58,7 @@ start = time.perf_counter()
 frame = pd.read_csv(sys.argv[1])
 print(time.perf_counter() - start, len(frame))
 """
+IMPORT_TORCH_CHILD = "import torch"
 
 
 def parse_args():
@@ -161,7 +164,7 @@ def run_benchmark(args, workdir):
 
     runs = {"read_csv": [], "read_csv_process": [], "read_csv_rss": [], "convert": [], "convert_rss": []}
     runs |= {"read_csv_cpu": [], "convert_cpu": []}  # [user, system] seconds of each run
-    runs |= {"convert_repeats": [], "convert_repeats_rss": []}
+    runs |= {"convert_repeats": [], "convert_repeats_rss": [], "import_torch_process": []}
 
     def measure_read_csv():
         status(f"[{repeat + 1}/{args.repeats}] pandas.read_csv ...")
@@ -185,7 +188,11 @@ def run_benchmark(args, workdir):
         figures[f"{key}_cache"] = {k: meta[k] for k in ("n_users", "n_items", "n_train", "n_test", "valid_negative")}
         shutil.rmtree(output)
 
-    steps = [measure_read_csv, lambda: measure_convert(csv, "convert")]
+    def measure_import_torch():
+        status(f"[{repeat + 1}/{args.repeats}] import torch ...")
+        runs["import_torch_process"].append(measure([sys.executable, "-c", IMPORT_TORCH_CHILD])["wall_s"])
+
+    steps = [measure_read_csv, lambda: measure_convert(csv, "convert"), measure_import_torch]
     if repeats_csv is not None:
         steps.append(lambda: measure_convert(repeats_csv, "convert_repeats"))
     for repeat in range(args.repeats):
@@ -208,11 +215,14 @@ def run_benchmark(args, workdir):
         "convert_peak_rss_gb": max(runs["convert_rss"]) / 1e9,
         "read_csv_process_cpu_s": min(map(sum, runs["read_csv_cpu"])),
         "convert_cpu_s": min(map(sum, runs["convert_cpu"])),
+        "import_torch_process_runs_s": runs["import_torch_process"],
+        "import_torch_process_s": min(runs["import_torch_process"]),
     }
     figures["cache"] = figures.pop("convert_cache")
     figures["ratio"] = figures["convert_s"] / figures["read_csv_process_s"]
     figures["ratio_to_call"] = figures["convert_s"] / figures["read_csv_s"]
     figures["cpu_ratio"] = figures["convert_cpu_s"] / figures["read_csv_process_cpu_s"]  # no bar: a diagnostic
+    figures["import_torch_ratio"] = figures["import_torch_process_s"] / figures["read_csv_process_s"]  # the floor
     figures["bars"] = dict(BARS)
     figures["meets_bars"] = {key: figures[key] <= bar for key, bar in BARS.items()}
     if repeats_csv is not None:
@@ -257,6 +267,8 @@ def print_table(figures):
         f"  {'convert / read_csv process':<32}{figures['ratio']:>10.2f} x{'<= 2.5 x':>10}{mark[ok['ratio']]:>6}{note}",
         f"  {'convert / read_csv call':<32}{figures['ratio_to_call']:>10.2f} x{'<= 2.5 x':>10}"
         f"{mark[ok['ratio_to_call']]:>6}{note}",
+        f"  {'import torch alone (process)':<32}{figures['import_torch_process_s']:>10.2f} s"
+        f"   ({figures['import_torch_ratio']:.2f} x the read_csv process: the floor of a torch.save writer)",
         f"  {'pandas.read_csv process CPU':<32}{figures['read_csv_process_cpu_s']:>10.2f} s"
         f"   (user + system per run: {cpu_runs(figures['read_csv_process_cpu_runs_s'])})",
         f"  {'convert.py CPU':<32}{figures['convert_cpu_s']:>10.2f} s"

@@ -140,6 +140,11 @@ def convert_bench(results, command):
         row("convert / read_csv process", "ratio", "x"),
         row("convert / read_csv call", "ratio_to_call", "x"),
     ]
+    if "import_torch_process_s" in r:  # results written before it was measured lack it
+        rows += [
+            row("a process that only imports torch", "import_torch_process_s", "s"),
+            row("import torch / read_csv process", "import_torch_ratio", "x"),
+        ]
     if "repeats_ratio" in r:
         share = f"{r['repeated_share']:.0%} of the rows repeating a pair"
         rows += [

@@ -131,6 +131,10 @@ def test_convert_bench_prints_the_comparison(tmp_path):
     assert figures["ratio"] == pytest.approx(figures["convert_s"] / figures["read_csv_process_s"])
     assert figures["read_csv_s"] < figures["read_csv_process_s"]  # the call is part of the process
     assert figures["cache"]["n_users"] == 943
+    assert "import torch alone (process)" in result.stdout
+    assert figures["import_torch_ratio"] == pytest.approx(
+        figures["import_torch_process_s"] / figures["read_csv_process_s"]
+    )
 
 
 def test_accuracy_bench_reports_each_model_over_seeds(shared_data, tmp_path):

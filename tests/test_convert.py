@@ -1079,6 +1079,19 @@ print(torch_importers, "pandas" in sys.modules, gc.isenabled(), gc.get_freeze_co
     assert convert.read_metadata(tmp_path / "cache")["n_train"] == 29
 
 
+@pytest.mark.parametrize("setting, advised", [(None, "False"), ("1", "True")])
+def test_numpy_gives_no_huge_page_advice_unless_the_user_asks_for_it(setting, advised):
+    """Where the kernel compacts memory to honour numpy's huge-page advice, every large temporary of the
+    pipeline would wait for it; convert.py turns the advice off before numpy is imported, and a user's own
+    NUMPY_MADVISE_HUGEPAGE still wins."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    env |= {} if setting is None else {"NUMPY_MADVISE_HUGEPAGE": setting}
+    code = "import convert, numpy._core.multiarray as m; print(m._get_madvise_hugepage())"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == advised
+
+
 def test_torch_imported_already_leaves_the_garbage_collector_alone():
     """Runs in one process after the first (tests, a notebook) freeze nothing: only the first import does."""
     frozen = gc.get_freeze_count()

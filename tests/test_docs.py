@@ -265,6 +265,7 @@ def test_baselines_train_bench_and_convert_bench_files_render_their_figures(tmp_
     convert |= {"convert_s": 2.03, "convert_peak_rss_gb": 0.67, "ratio": 1.516, "ratio_to_call": 2.093}
     convert |= {"bars": {"convert_s": 60, "convert_peak_rss_gb": 6, "ratio": 2.5, "ratio_to_call": 2.5}}
     convert |= {"meets_bars": {"convert_s": True, "convert_peak_rss_gb": True, "ratio": True, "ratio_to_call": True}}
+    convert |= {"import_torch_process_s": 1.21, "import_torch_ratio": 0.903}
     paths = [
         results_file(tmp_path, "b.json", "python benchmarks/baselines.py --data W/cache/ml-1m", {"ials": baseline}),
         results_file(tmp_path, "t.json", "python benchmarks/train_bench.py --precision bf16", train),
@@ -281,6 +282,7 @@ def test_baselines_train_bench_and_convert_bench_files_render_their_figures(tmp_
     assert train_row + " 1.20 | - |" in page
     assert "| `convert.py`, a whole process | 2.03 s | ≤ 60 s | yes |" in page
     assert "| convert / read_csv process | 1.52 x | ≤ 2.5 x | yes |" in page
+    assert "| import torch / read_csv process | 0.90 x |  |  |" in page
 
 
 def test_another_benchmark_renders_as_a_generic_table(tmp_path):
