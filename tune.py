@@ -188,11 +188,13 @@ def narrowed_space(space, fixes, ranges):
 
 def unused_parameters(values):
     """The parameters these values leave without a meaning: plain SGD's betas, -n under a softmax
-    loss (its batches hold positives only), --softmax_negatives under another loss than sampled_softmax."""
+    loss (its batches hold positives only), --softmax_negatives under another loss than sampled_softmax.
+    A loss the values lack is searched: the parameters of every loss keep their meaning."""
     unused = ["beta1", "beta2"] if values.get("optimizer") == "sgd" else []
-    if values.get("loss", "bce") != "bce":
+    loss = values.get("loss")
+    if loss not in (None, "bce"):
         unused.append("negative_samples")
-    if values.get("loss", "bce") != "sampled_softmax":
+    if loss not in (None, "sampled_softmax"):
         unused.append("softmax_negatives")
     return unused
 

@@ -291,6 +291,20 @@ def test_the_largest_batch_takes_about_20_steps_an_epoch_under_any_loss_and_numb
     assert batch.low == max(256, batch.high // 256)
 
 
+@pytest.mark.parametrize(
+    "fixes, kept, dropped",
+    [
+        ([], {"negative_samples", "softmax_negatives"}, set()),  # the loss searched: every loss's parameters
+        (["loss=bce"], {"negative_samples"}, {"softmax_negatives"}),
+        (["loss=sampled_softmax"], {"softmax_negatives"}, {"negative_samples"}),
+        (["loss=softmax"], set(), {"negative_samples", "softmax_negatives"}),
+    ],
+)
+def test_a_loss_parameter_is_searched_when_its_loss_can_be_drawn(fixes, kept, dropped):
+    space, fixed = tune.narrowed_space(tune.default_space("gmf", 100_000, pretrained=False), fixes, [])
+    assert kept <= space.keys() and not dropped & space.keys()
+
+
 def test_a_trial_out_of_memory_is_pruned_and_the_study_goes_on(tiny_validation_cache, tmp_path, monkeypatch, capsys):
     """A trial whose parameters do not fit in the device's memory is a bad point of the search, not the end of it."""
     train, calls = ncf.train, []
