@@ -260,6 +260,48 @@ LAYOUTS = {
 }
 
 
+# --- the recommended model against the baselines ------------------------------------------------------
+
+COMPARED = ("val_hr@10", "hr@10", "ndcg@10", "refit_hr@10", "refit_ndcg@10")
+
+
+def against_baselines(paths):
+    """A section comparing accuracy-best.json's model per dataset with the baselines.py rows of the same
+    cache (a file whose command's --data names it): the means over seeds, each baseline, and the
+    difference to the best baseline figure of each column. Empty without both kinds of file."""
+    by_name = {path.name: path for path in paths}
+    if HEADLINE not in by_name:
+        return []
+    baseline_files = {}
+    for path in paths:
+        provenance, results = read(path)
+        words = shlex.split(provenance["command"])
+        data = option(provenance["command"], "--data")
+        if len(words) > 1 and words[1] == "benchmarks/baselines.py" and data:
+            baseline_files[Path(data).name] = results
+    lines = []
+    for key, runs in read(by_name[HEADLINE])[1].items():
+        dataset, model = key.split(" ", 1)
+        if dataset not in baseline_files:
+            continue
+        ncf = [statistics.mean(run[name] for run in runs) for name in COMPARED]
+        rows = [[f"NCF {model} (mean of {len(runs)} seeds)", *(f"{value:.4f}" for value in ncf)]]
+        others = {method: result for method, result in baseline_files[dataset].items() if method != "popularity"}
+        rows += [[method, *(f"{result[name]:.4f}" for name in COMPARED)] for method, result in others.items()]
+        best = [max(result[name] for result in others.values()) for name in COMPARED]
+        rows.append(["NCF − best baseline", *(f"{value - top:+.4f}" for value, top in zip(ncf, best, strict=True))])
+        header = ["", "validation HR@10", "selected: test HR@10", "selected: test NDCG@10"]
+        header += ["refit: test HR@10", "refit: test NDCG@10"]
+        lines += ["", f"`{dataset}`:", "", *table(header, rows)]
+    if not lines:
+        return []
+    intro = (
+        f"The recommended model of `{HEADLINE}` against the baselines of the same cache (the files above; "
+        "popularity left out): a positive last row means NCF is ahead of every baseline in that column."
+    )
+    return ["", "## The recommended model against the baselines", "", intro, *lines]
+
+
 # --- the page ----------------------------------------------------------------------------------------
 
 
@@ -325,6 +367,7 @@ def render_page(paths):
         lines += ["", "No results yet."]
     for path in paths:
         lines += ["", *section(path)]
+    lines += against_baselines(paths)
     return "\n".join(lines) + "\n"
 
 

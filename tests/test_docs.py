@@ -285,6 +285,29 @@ def test_baselines_train_bench_and_convert_bench_files_render_their_figures(tmp_
     assert "| import torch / read_csv process | 0.90 x |  |  |" in page
 
 
+def test_the_recommended_model_is_compared_with_the_best_baseline_of_each_column(tmp_path):
+    """NCF's means over seeds minus the best baseline figure of each column (popularity left out), for the
+    datasets that have both files; a dataset without baselines gets no table."""
+    best = {"ml-1m gmf": [accuracy_run(1, 0.69), accuracy_run(2, 0.71)], "ml-100k gmf": [accuracy_run(1, 0.6)]}
+    baseline = {"val_hr@10": 0.72, "val_ndcg@10": 0.45, "hr@10": 0.68, "ndcg@10": 0.43, "refit_hr@10": 0.70}
+    baseline["refit_ndcg@10"] = 0.44
+    baseline |= {"settings": {}, "fit_seconds": 1.0, "seconds": 2.0, "cpu_seconds": 3.0}
+    baselines = {
+        "popularity": baseline | dict.fromkeys(render_results.COMPARED, 0.9),
+        "ials": baseline,
+        "ease": baseline | {"hr@10": 0.705},
+    }
+    paths = [
+        results_file(tmp_path, "accuracy-best.json", "python benchmarks/accuracy.py --settings best", best),
+        results_file(tmp_path, "b.json", "python benchmarks/baselines.py --data W/cache/ml-1m", baselines),
+    ]
+    page = render_results.render_page(paths)
+    assert "| NCF gmf (mean of 2 seeds) | 0.7000 | 0.7000 | 0.4000 | 0.7100 | 0.4200 |" in page
+    assert "| NCF − best baseline | -0.0200 | -0.0050 | -0.0300 | +0.0100 | -0.0200 |" in page
+    assert "`ml-1m`:" in page and "`ml-100k`:" not in page
+    assert "## The recommended model against the baselines" not in render_results.render_page(paths[:1])
+
+
 def test_another_benchmark_renders_as_a_generic_table(tmp_path):
     rows = [{"protocol": "full", "seconds": 3.7912, "pairs": 10841385}, {"protocol": "reference", "seconds": 0.27}]
     path = results_file(tmp_path, "f.json", "python benchmarks/full_ranking_bench.py", rows)
