@@ -63,6 +63,10 @@ RECIPES = {
     "gmf-sampled": [*COMMON, "--model", "gmf", "-f", "64", "-l", "0.002", "--loss", "sampled_softmax"],
     # the best validation HR@10 of a one-seed sweep of gmf-sampled's settings on ML-100k (docs/training.md)
     "gmf-sampled-lr001": [*COMMON, "--model", "gmf", "-f", "64", "-l", "0.001", "--loss", "sampled_softmax"],
+    # the best trial of a tune.py study on ML-100k searching the loss and its parameters (docs/training.md):
+    # a wide GMF, full softmax, L2
+    "gmf-softmax-l2": [*COMMON, "--model", "gmf", "-f", "256", "-l", "0.0036", "--loss", "softmax"]
+    + ["--l2_regularization", "0.005"],
 }
 # A softmax loss's batch holds positives only: smaller batches give it the steps BCE's get from its negatives
 SOFTMAX_BATCH = {"ml-1m": "1024", "ml-100k": "256", "ml-latest-small": "256"}
