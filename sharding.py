@@ -92,7 +92,8 @@ class TableLookup(nn.Module):
         from torchrec import KeyedJaggedTensor
 
         lengths = torch.ones_like(ids, dtype=torch.int32)
-        features = KeyedJaggedTensor.from_lengths_sync(keys=[self.name], values=ids.long(), lengths=lengths)
+        values = ids.long().contiguous()  # fbgemm reads the raw buffer: a column of (user, item) pairs is strided
+        features = KeyedJaggedTensor.from_lengths_sync(keys=[self.name], values=values, lengths=lengths)
         return self.collection(features)[self.name].values()
 
 
