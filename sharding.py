@@ -16,6 +16,7 @@ sharding: it adds seconds to start-up.
 """
 
 import copy
+import math
 import os
 import warnings
 
@@ -28,6 +29,7 @@ KINDS = ("none", "auto", "table_wise", "column_wise", "row_wise")
 CPU_TABLE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")  # fbgemm's CPU kernels have no Adam
 # TorchRec 1.8's sharded state dicts are ShardedTensors, which torch deprecates (each use warns)
 warnings.filterwarnings("ignore", "Please use DTensor instead", FutureWarning)
+SEND_BYTES = 2**26  # the largest block of a shard that gathered() sends at once: rank 0's device holds it
 INSTALL = (
     'pip install -e ".[sharding]" && pip install --no-deps torchrec==1.8.0 (or source ./setup_env.sh ".[sharding]")'
 )
@@ -219,14 +221,22 @@ def copy_dicts(state):
     return {key: copy_dicts(value) if isinstance(value, dict) else value for key, value in state.items()}
 
 
+def row_blocks(sizes, dtype):
+    """Slices of a shard's first dimension of at most SEND_BYTES each: what gathered() sends at once."""
+    row_bytes = math.prod(sizes[1:]) * dtype.itemsize
+    rows = max(1, SEND_BYTES // max(1, row_bytes))
+    return [slice(start, min(start + rows, sizes[0])) for start in range(0, sizes[0], rows)]
+
+
 @torch.no_grad()
 def gathered(state):
     """A checkpoint's `state` (nested dicts) to write on rank 0: there, each ShardedTensor replaced by its
     full tensor on the CPU; None on the other ranks; `state` itself without several processes.
 
     Every rank calls it together. The ranks first agree on which ShardedTensors there are (a table-wise
-    table's optimizer state is only on its rank), then each shard goes to rank 0 by itself, one table
-    after the other: rank 0's device receives one shard at a time and no other rank receives anything.
+    table's optimizer state is only on its rank), then the shards go to rank 0, one table after the other,
+    in blocks of rows of at most SEND_BYTES: rank 0's device receives one block at a time and no other rank
+    receives anything. Rank 0 keeps the full tensors on the CPU until it has written them.
     """
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return state
@@ -254,12 +264,15 @@ def gathered(state):
                     if rank == 0:
                         whole[slices].copy_(part)
                     else:
-                        torch.distributed.send(part.contiguous(), dst=0)
+                        for rows in row_blocks(part.shape, dtype):
+                            torch.distributed.send(part[rows].contiguous(), dst=0)
             elif rank == 0 and path in layout:
                 for offsets, sizes in layout[path][2]:
-                    part = torch.empty(sizes, dtype=dtype, device=device)
-                    torch.distributed.recv(part, src=owner)
-                    whole[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))].copy_(part)
+                    shard = whole[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))]
+                    for rows in row_blocks(sizes, dtype):
+                        block = torch.empty(shard[rows].shape, dtype=dtype, device=device)
+                        torch.distributed.recv(block, src=owner)
+                        shard[rows].copy_(block)
         full[path] = whole
     if rank != 0:
         return None

@@ -243,8 +243,9 @@ def held_bytes(*roots):
 
 
 def sharded_run_in_process(rank, argv, port, output):
-    """ncf.py's main() as one of 2 gloo processes; writes the bytes its ShardedNeuMF and optimizer hold
-    at the end (after training, evaluation and checkpoints) to output/RANK.json."""
+    """ncf.py's main() as one of 2 gloo processes, its checkpoints gathered in small blocks; writes the bytes
+    its ShardedNeuMF and optimizer hold at the end (after training, evaluation and checkpoints) to
+    output/RANK.json."""
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
     os.environ |= {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
     torch.set_num_threads(1)
@@ -256,6 +257,7 @@ def sharded_run_in_process(rank, argv, port, output):
         return made[-1]
 
     sharding.shard, sys.argv = recorded, ["ncf.py", *argv]
+    sharding.SEND_BYTES = 256  # checkpoints gather the shards 4 rows of 16 floats at a time
     try:
         ncf.main()
         model, _, optimizer = made[0]
