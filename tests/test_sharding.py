@@ -1,8 +1,9 @@
 """ncf.py --embedding_sharding: TorchRec-sharded tables on 2 gloo processes, against replicated (DDP) runs.
 
-Sharded and replicated runs of the same seed and batches with plain SGD train the same model; a
-sharded run's checkpoints are a replicated run's (test mode, recommendations, --resume on another
-layout or number of processes); what sharding cannot do is a one-line error.
+Sharded and replicated runs of the same seed and batches with plain SGD train and evaluate the same
+model; a sharded run's checkpoints are a replicated run's (test mode, recommendations, --resume on
+another layout or number of processes); no rank keeps more than its shards of the tables; what
+sharding cannot do is a one-line error.
 """
 
 import itertools
