@@ -244,25 +244,31 @@ def held_bytes(*roots):
 
 
 def sharded_run_in_process(rank, argv, port, output):
-    """ncf.py's main() as one of 2 gloo processes, its checkpoints gathered in small blocks; writes the bytes
-    its ShardedNeuMF and optimizer hold at the end (after training, evaluation and checkpoints) to
-    output/RANK.json."""
+    """ncf.py's main() as one of 2 gloo processes, its checkpoints gathered in small blocks; writes to
+    output/RANK.json the bytes its ShardedNeuMF and optimizer hold at the end (after training, evaluation
+    and checkpoints) and whether each read of a .pth file was memory-mapped."""
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
     os.environ |= {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
     torch.set_num_threads(1)
-    made = []
-    shard = sharding.shard
+    made, mapped = [], []
+    shard, load = sharding.shard, torch.load
 
-    def recorded(*args):
+    def recorded_shard(*args):
         made.append(shard(*args))
         return made[-1]
 
-    sharding.shard, sys.argv = recorded, ["ncf.py", *argv]
+    def recorded_load(path, *args, **kwargs):
+        if str(path).endswith(".pth"):
+            mapped.append(kwargs.get("mmap", False))
+        return load(path, *args, **kwargs)
+
+    sharding.shard, torch.load, sys.argv = recorded_shard, recorded_load, ["ncf.py", *argv]
     sharding.SEND_BYTES = 256  # checkpoints gather the shards 4 rows of 16 floats at a time
     try:
         ncf.main()
         model, _, optimizer = made[0]
-        Path(output, f"{rank}.json").write_text(json.dumps(held_bytes(model, optimizer)))
+        result = {"held": held_bytes(model, optimizer), "mapped": mapped}
+        Path(output, f"{rank}.json").write_text(json.dumps(result))
     finally:
         leave_process_group()
 
@@ -270,8 +276,9 @@ def sharded_run_in_process(rank, argv, port, output):
 def test_no_rank_holds_a_full_table_and_uneven_ranks_evaluate_as_replicated(tmp_path):
     """201 users: the ranks have 101 and 100 evaluation users, 11 and 10 blocks of 10 under the full protocol
     (3000 scores a block), so the sharded lookups run in step with padding. A sharded run started from a
-    model.pth (--load_checkpoint_path) trains and evaluates as the replicated run does, and after training,
-    evaluation and checkpoints each rank holds its half of the tables (row-wise) and the dense layers."""
+    model.pth (--load_checkpoint_path, which each rank memory-maps) trains and evaluates as the replicated
+    run does, and after training, evaluation and checkpoints each rank holds its half of the tables
+    (row-wise) and the dense layers."""
     cache = make_cache(tmp_path / "data", users=201, items=300, ratings=6000)
     flags = ["--data", cache, "-b", "4096", "-f", "16", "--layers", "32", "16", "--seed", "1", "--optimizer",
              "sgd", "-l", "1", "--eval_protocol", "full", "--valid_batch_size", "3000"]  # fmt: skip
@@ -290,6 +297,7 @@ def test_no_rank_holds_a_full_table_and_uneven_ranks_evaluate_as_replicated(tmp_
     tables = sum(tensor.numel() * 4 for name, tensor in full.items() if "_embed." in name)
     dense = sum(tensor.numel() * 4 for name, tensor in full.items() if "_embed." not in name)
     for rank in range(2):
-        held = json.loads((tmp_path / f"{rank}.json").read_text())
+        result = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert result["mapped"] == [True], rank
         # row-wise halves: 101 and 100 user rows, 150 item rows; TorchRec's own buffers are a few bytes
-        assert tables * 0.49 < held - dense < tables * 0.51, (rank, held, tables, dense)
+        assert tables * 0.49 < result["held"] - dense < tables * 0.51, (rank, result, tables, dense)
