@@ -145,8 +145,8 @@ def read_checkpoint(path, mmap=False):
 
     With several processes only global rank 0 reads the file and sends what it holds (or its error,
     which every rank then raises) to the others: rank 0 wrote it, and other nodes need not share
-    its filesystem. Every rank must call this together. With mmap, every rank maps the file itself
-    and reads only the parts it uses (a sharded run copies its shards out of the tables).
+    its filesystem. Every rank must call this together. With mmap, every rank maps the file itself (so
+    it must see it) and reads only the parts it uses: a sharded run copies its shards out of the tables.
     """
     import torch
 
