@@ -362,8 +362,11 @@ def evaluate(model, evaluator, args, autocast):
     device = evaluator.users.device
     histogram = torch.zeros(args.topk + 1, dtype=torch.float64, device=device)  # exact integer counts
     loss, candidates = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
+    blocks = scored_blocks(model, evaluator, args.valid_batch_size)
+    if isinstance(model, sharding.ShardedNeuMF):  # its lookups are collectives: the ranks score in step
+        blocks = model.in_step(blocks)
     with torch.inference_mode(), autocast:
-        for logits, counted in scored_blocks(model, evaluator, args.valid_batch_size):
+        for logits, counted in blocks:
             histogram += rank_histogram(logits, counted, args.topk)
             loss += (F.softplus(logits[:, :-1]) * counted).sum() + F.softplus(-logits[:, -1]).sum()
             candidates += counted.sum() + len(logits)
@@ -499,8 +502,15 @@ RUN_FLAGS = (
 )  # fmt: skip
 
 
+def save_checkpoint(state, path):
+    """Every rank calls this; rank 0 writes `state` (a sharded run's tables are first gathered there)."""
+    state = sharding.gathered(state)
+    if state is not None:
+        atomic_save(state, path)
+
+
 def save_training_state(path, model, optimizer, scaler, epoch, seed, best, data, run_time, args):
-    atomic_save(
+    save_checkpoint(
         {
             "flags": {name: getattr(args, name) for name in RUN_FLAGS},
             "model": model.state_dict(),
@@ -518,7 +528,7 @@ def save_training_state(path, model, optimizer, scaler, epoch, seed, best, data,
 
 
 def load_training_state(path, model, optimizer, scaler, data, args):
-    state = read_checkpoint(path)
+    state = read_checkpoint(path, mmap=args.embedding_sharding != "none")  # each rank reads its shards' rows
     if state.get("data_sha256") != data.meta["source_sha256"]:
         raise CliError(f"{path} was trained on another dataset than --data; start a new run without --resume")
     if state.get("validation", False) != (data.valid is not None):
@@ -650,7 +660,7 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
     if args.embedding_sharding == "none":
         optimizer = make_optimizer(model, args, device)
         ddp_loss = DistributedDataParallel(loss_module) if world_size > 1 else loss_module
-    else:  # the tables train sharded; `model` is then the full model that evaluation and checkpoints see
+    else:  # the tables train sharded; `model` is then the ShardedNeuMF that evaluation and checkpoints see
         model, ddp_loss, optimizer = sharding.shard(loss_module, args, device, world_size, make_optimizer)
     scaler = make_scaler(args, device)
     validating = "valid" in evaluators
@@ -661,8 +671,10 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
             checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, data, args
         )
         log(f"resuming after epoch {first_epoch - 1} (best {selected} {best[best_key]:.4f})")
-    elif args.load_checkpoint_path:
-        load_model_weights(model, args.load_checkpoint_path)
+    elif args.load_checkpoint_path:  # a sharded run's ranks each read their shards' rows of it
+        path = args.load_checkpoint_path
+        state = read_checkpoint(path, mmap=args.embedding_sharding != "none")
+        load_model_weights(model, path, model_state(state, path))
     log(
         f"{args.model}: {data.n_users:,} users, {data.n_items:,} items, {len(data.train):,} positives; "
         f"{args.loss} loss; "
@@ -711,13 +723,14 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
         elif args.patience is not None and epoch - best["epoch"] >= args.patience:
             stop = f"no better {selected} for {args.patience} epochs; stopping"
 
-        # rank 0 writes while the others wait at the next collective: the time is logged, and
-        # --checkpoint_every spaces out last.pth, the larger file (it holds Adam's moments too)
+        # every rank takes part (a sharded run gathers its tables onto rank 0), rank 0 writes while the others
+        # wait at the next collective: the time is logged, and --checkpoint_every spaces out last.pth, the
+        # larger file (it holds Adam's moments too)
         start = time.time()
-        if rank == 0 and improved:
-            atomic_save(model.state_dict(), checkpoint_dir / BEST_CHECKPOINT)
+        if improved:
+            save_checkpoint(model.state_dict(), checkpoint_dir / BEST_CHECKPOINT)
         last_epoch = stop is not None or epoch + 1 == args.epochs
-        if rank == 0 and (last_epoch or (epoch + 1) % args.checkpoint_every == 0):
+        if last_epoch or (epoch + 1) % args.checkpoint_every == 0:
             save_training_state(
                 checkpoint_dir / LAST_CHECKPOINT, model, optimizer, scaler, epoch, seed, best, data, run_time, args
             )
@@ -774,7 +787,9 @@ def main():
     data = load_cache(args.data)
     seed = broadcast_int(args.seed if args.seed is not None else random.randrange(2**31), device)
     torch.manual_seed(seed)  # the same initial model on every rank
-    model = make_model(args, data, device)
+    sharded = args.mode == "train" and args.embedding_sharding != "none"
+    # a sharded run's model is built on the CPU: sharding.shard copies each rank's shards of it to the device
+    model = make_model(args, data, torch.device("cpu") if sharded else device)
     evaluators = make_evaluators(args, data, rank, world_size, device)
     logger = make_logger(args.log_path, rank == 0)
     log = print if rank == 0 else (lambda *_, **__: None)

@@ -1,29 +1,35 @@
 """Embedding tables sharded across ranks with TorchRec: ncf.py --embedding_sharding.
 
 Each of NeuMF's tables becomes a one-table TorchRec EmbeddingCollection behind a TableLookup (called
-with ids as an nn.Embedding is), TorchRec's planner places its shards, DistributedModelParallel shards
-the tables and wraps the MLP and the final layer in DDP. The tables train with fbgemm's fused
-optimizers (they update the rows in the backward pass); the dense layers keep torch.optim.
+with ids as an nn.Embedding is), built on the meta device; TorchRec's planner places its shards,
+DistributedModelParallel allocates each rank's shards on its device and wraps the MLP and the final
+layer in DDP, and each rank copies its slices of the model ncf.py built on the CPU into its shards.
+The tables train with fbgemm's fused optimizers (they update the rows in the backward pass); the
+dense layers keep torch.optim.
 
-What ncf.py's evaluation and checkpoints see is a ShardedNeuMF: a full NeuMF on every rank, refreshed
-from the shards when evaluation starts (eval()), whose state dicts are those of a replicated run;
-loading one copies each rank's shards out of the full tensors. torchrec is imported only when a run
-asks for sharding: it adds seconds to start-up.
+No rank keeps a full table. What ncf.py's evaluation and checkpoints see is a ShardedNeuMF: it scores
+through the sharded lookups (collectives, which the ranks run in step), its state dicts have a
+replicated run's keys and shapes with the tables as ShardedTensors of this rank's shards, gathered()
+sends the shards to rank 0, which writes a replicated run's checkpoint, and loading one copies each
+rank's slices out of the (memory-mapped) full tensors. torchrec is imported only when a run asks for
+sharding: it adds seconds to start-up.
 """
 
 import copy
+import math
 import os
 import warnings
 
 import torch
 from torch import nn
 
-from utils import CliError
+from utils import CliError, all_reduce_sum
 
 KINDS = ("none", "auto", "table_wise", "column_wise", "row_wise")
 CPU_TABLE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")  # fbgemm's CPU kernels have no Adam
 # TorchRec 1.8's sharded state dicts are ShardedTensors, which torch deprecates (each use warns)
 warnings.filterwarnings("ignore", "Please use DTensor instead", FutureWarning)
+SEND_BYTES = 2**26  # the largest block of a shard that gathered() sends at once: rank 0's device holds it
 INSTALL = (
     'pip install -e ".[sharding]" && pip install --no-deps torchrec==1.8.0 (or source ./setup_env.sh ".[sharding]")'
 )
@@ -70,25 +76,26 @@ def check_args(args):
 
 
 class TableLookup(nn.Module):
-    """One table as a TorchRec EmbeddingCollection, looked up with a 1-D tensor of ids as nn.Embedding."""
+    """One table as a TorchRec EmbeddingCollection, looked up with a 1-D tensor of ids as nn.Embedding.
 
-    def __init__(self, name, table):
+    Built on the meta device: DistributedModelParallel allocates only this rank's shards."""
+
+    def __init__(self, name, num_embeddings, embedding_dim):
         from torchrec import EmbeddingCollection, EmbeddingConfig
 
         super().__init__()
-        self.name, self.embedding_dim = name, table.embedding_dim
+        self.name, self.embedding_dim = name, embedding_dim
         config = EmbeddingConfig(
-            name=name, embedding_dim=table.embedding_dim, num_embeddings=table.num_embeddings, feature_names=[name]
+            name=name, embedding_dim=embedding_dim, num_embeddings=num_embeddings, feature_names=[name]
         )
-        self.collection = EmbeddingCollection(tables=[config], device=table.weight.device)
-        with torch.no_grad():
-            self.collection.embeddings[name].weight.copy_(table.weight)
+        self.collection = EmbeddingCollection(tables=[config], device=torch.device("meta"))
 
     def forward(self, ids):
         from torchrec import KeyedJaggedTensor
 
         lengths = torch.ones_like(ids, dtype=torch.int32)
-        features = KeyedJaggedTensor.from_lengths_sync(keys=[self.name], values=ids.long(), lengths=lengths)
+        values = ids.long().contiguous()  # fbgemm reads the raw buffer: a column of (user, item) pairs is strided
+        features = KeyedJaggedTensor.from_lengths_sync(keys=[self.name], values=values, lengths=lengths)
         return self.collection(features)[self.name].values()
 
 
@@ -164,20 +171,26 @@ def fused_params(args):
 def shard(loss_module, args, device, world_size, make_optimizer):
     """(ShardedNeuMF for evaluation and checkpoints, the DMP to train through, the optimizer).
 
-    loss_module's model trains with TableLookups in place of its tables (the loss is the one ncf.py
-    starts each epoch of); a copy of it, full, is what evaluation and checkpoints see.
-    make_optimizer(module, args, device) is ncf.py's: the dense layers' optimizer."""
+    loss_module's model, built on the CPU, trains with TableLookups in place of its tables (the loss is
+    the one ncf.py starts each epoch of): its initial values are copied into each rank's shards, and its
+    tables are dropped when this returns. make_optimizer(module, args, device) is ncf.py's: the dense
+    layers' optimizer."""
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
 
-    full, training = copy.deepcopy(loss_module.model), loss_module.model
-    for name in table_names(training):
-        setattr(training, name, TableLookup(name, getattr(training, name)))
+    model = loss_module.model
+    initial = model.state_dict()  # once the TableLookups replace the tables, the only reference to them
+    parameter_names = [name for name, _ in model.named_parameters()]
+    for name in table_names(model):
+        table = getattr(model, name)
+        setattr(model, name, TableLookup(name, table.num_embeddings, table.embedding_dim))
     sharder = EmbeddingCollectionSharder(fused_params=fused_params(args))
     placement = plan(loss_module, sharder, args.embedding_sharding, world_size, device)
     dmp = DistributedModelParallel(loss_module, device=device, plan=placement, sharders=[sharder])
-    optimizer = ShardedOptimizer(dmp, full, lambda dense: make_optimizer(dense, args, device))
-    return ShardedNeuMF(dmp, full, optimizer), dmp, optimizer
+    sharded = ShardedNeuMF(dmp, list(initial))
+    sharded.load_state_dict(initial)
+    optimizer = ShardedOptimizer(dmp, parameter_names, lambda dense: make_optimizer(dense, args, device))
+    return sharded, dmp, optimizer
 
 
 def local_slices(sharded):
@@ -187,57 +200,149 @@ def local_slices(sharded):
         yield tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True)), shard.tensor
 
 
-def gather_into(full, sharded):
-    """Fill `full` (the run's device: NCCL reduces CUDA tensors only) with a ShardedTensor on every rank:
-    each rank writes its shards into zeros, a sum adds them up."""
-    full.zero_()
-    for slices, local in local_slices(sharded):
-        full[slices] = local.detach()
-    torch.distributed.all_reduce(full)
-
-
 @torch.no_grad()
 def scatter(full, sharded):
+    """Copy this rank's slices of `full` (a CPU tensor, maybe memory-mapped: only those pages are read)
+    into its shards of a ShardedTensor."""
     for slices, local in local_slices(sharded):
         local.copy_(full[slices])
 
 
+def sharded_leaves(state, path=()):
+    """(path of keys, ShardedTensor) of each ShardedTensor in nested dicts."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            yield from sharded_leaves(value, (*path, key))
+        elif hasattr(value, "local_shards"):
+            yield (*path, key), value
+
+
+def copy_dicts(state):
+    return {key: copy_dicts(value) if isinstance(value, dict) else value for key, value in state.items()}
+
+
+def row_blocks(sizes, dtype):
+    """Slices of a shard's first dimension of at most SEND_BYTES each: what gathered() sends at once."""
+    row_bytes = math.prod(sizes[1:]) * dtype.itemsize
+    rows = max(1, SEND_BYTES // max(1, row_bytes))
+    return [slice(start, min(start + rows, sizes[0])) for start in range(0, sizes[0], rows)]
+
+
+@torch.no_grad()
+def gathered(state):
+    """A checkpoint's `state` (nested dicts) to write on rank 0: there, each ShardedTensor replaced by its
+    full tensor on the CPU; None on the other ranks; `state` itself without several processes.
+
+    Every rank calls it together. The ranks first agree on which ShardedTensors there are (a table-wise
+    table's optimizer state is only on its rank), then the shards go to rank 0, one table after the other,
+    in blocks of rows of at most SEND_BYTES: rank 0's device receives one block at a time and no other rank
+    receives anything. Rank 0 keeps the full tensors on the CPU until it has written them.
+    """
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return state
+    rank = torch.distributed.get_rank()
+    nccl = torch.distributed.get_backend() == "nccl"  # it sends CUDA tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    local = dict(sharded_leaves(state))
+    layout = {
+        path: (
+            value.size(),
+            value.dtype,
+            [(s.metadata.shard_offsets, s.metadata.shard_sizes) for s in value.local_shards()],
+        )
+        for path, value in local.items()
+    }
+    layouts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(layouts, layout)
+    full = {}
+    for path in sorted(set().union(*layouts), key=repr):
+        size, dtype = next(layout[path][:2] for layout in layouts if path in layout)
+        whole = torch.empty(size, dtype=dtype) if rank == 0 else None
+        for owner, layout in enumerate(layouts):
+            if owner == rank and path in local:
+                for slices, part in local_slices(local[path]):
+                    if rank == 0:
+                        whole[slices].copy_(part)
+                    else:
+                        for rows in row_blocks(part.shape, dtype):
+                            torch.distributed.send(part[rows].contiguous(), dst=0)
+            elif rank == 0 and path in layout:
+                for offsets, sizes in layout[path][2]:
+                    shard = whole[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))]
+                    for rows in row_blocks(sizes, dtype):
+                        block = torch.empty(shard[rows].shape, dtype=dtype, device=device)
+                        torch.distributed.recv(block, src=owner)
+                        shard[rows].copy_(block)
+        full[path] = whole
+    if rank != 0:
+        return None
+    result = copy_dicts(state)
+    for path, whole in full.items():
+        node = result
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = whole
+    return result
+
+
 class ShardedNeuMF:
-    """What ncf.py's evaluation and checkpoints use in a sharded run, in place of the NeuMF: the full
-    model (`full`, on every rank), refreshed from the shards by eval(), with a replicated run's state dicts."""
+    """What ncf.py's evaluation and checkpoints use in a sharded run, in place of the NeuMF. It scores through
+    the sharded lookups, and its state dict has a replicated run's keys, order and shapes, with each table
+    a ShardedTensor of this rank's shards (gathered() makes them full tensors on rank 0 for a checkpoint)."""
 
-    def __init__(self, dmp, full, optimizer):
-        self.dmp, self.full, self.optimizer, self.kind = dmp, full, optimizer, full.kind
+    def __init__(self, dmp, names):
+        self.dmp, self.names, self.device = dmp, names, dmp.device  # names: the NeuMF's state-dict keys
+        self.model = dmp.module.model  # the NeuMF, its tables TableLookups over the shards
+        self.kind = self.model.kind
+        if {full_name(key) for key in dmp.state_dict()} != set(names):
+            raise RuntimeError(f"the sharded model's {sorted(dmp.state_dict())} are not NeuMF's {names}")
 
-    @torch.no_grad()
     def eval(self):
-        """Gather the shards into the full model (every rank together: evaluation starts on all of them),
-        and the table optimizers' state for last.pth, unless nothing has stepped since the last time
-        (the test split after the validation one)."""
-        if not self.optimizer.stepped:
-            return self.full.eval()
-        self.optimizer.stepped = False
-        # in place, one table at a time: the full model is the only full copy of the tables on a rank
-        own, shards = self.full.state_dict(), self.dmp.state_dict()
-        if own.keys() != {full_name(key) for key in shards}:
-            raise RuntimeError(f"the sharded model's {sorted(shards)} are not NeuMF's {sorted(own)}")
-        for key, value in shards.items():
-            if hasattr(value, "local_shards"):
-                gather_into(own[full_name(key)], value)
-            else:
-                own[full_name(key)].copy_(value)
-        self.optimizer.gather_tables()
-        return self.full.eval()
+        self.dmp.eval()
+        return self
 
-    def score_grid(self, *args, **kwargs):
-        return self.full.score_grid(*args, **kwargs)
+    def lookups(self, users, items):
+        """{table name: nn.Embedding of the rows looked up}: `users` in the user tables, `items` in the item
+        tables; one lookup of each table, in the same order on every rank (each one is a collective)."""
+        rows = {}
+        with torch.inference_mode(False), torch.no_grad():  # fbgemm's CPU lookups exist only behind autograd
+            for user_table, item_table in self.model.embeddings():
+                rows[user_table.name] = nn.Embedding.from_pretrained(user_table(users))
+                rows[item_table.name] = nn.Embedding.from_pretrained(item_table(items))
+        return rows
+
+    def score_grid(self, users, items):
+        """NeuMF.score_grid through the shards: the rows of `users` and of the distinct `items` are looked
+        up, then scored by the NeuMF's own score_grid on a shallow copy of it whose tables hold just those
+        rows (the same values: a row of the item half of the first MLP layer does not depend on the other
+        rows of its product). The full protocol's items are the whole catalogue: each rank then holds the
+        item tables, whole, while it scores a block of users."""
+        ids, positions = items.unique(return_inverse=True)
+        scorer = copy.copy(self.model)
+        scorer._modules = self.model._modules | self.lookups(users, ids)  # its own tables, the model's layers
+        return scorer.score_grid(torch.arange(len(users), device=users.device), positions)
+
+    def in_step(self, blocks):
+        """Yield from `blocks` (an iterator that scores one block with score_grid for each item drawn) in step
+        with the other ranks, which may have more blocks: a rank that has run out looks its tables up with
+        one id for as long as another still scores."""
+        blocks, pad = iter(blocks), torch.zeros(1, dtype=torch.long, device=self.device)
+        while True:
+            block = next(blocks, None)
+            if block is None:
+                self.lookups(pad, pad)
+            if not all_reduce_sum(torch.tensor([float(block is not None)], device=self.device)).item():
+                return
+            if block is not None:
+                yield block
 
     def state_dict(self):
-        return self.full.state_dict()
+        own = {full_name(key): value for key, value in self.dmp.state_dict().items()}
+        return {name: own[name] for name in self.names}
 
     @torch.no_grad()
     def load_state_dict(self, state):
-        self.full.load_state_dict(state)
+        """Copy this rank's slices of a replicated run's state dict into its shards, and the dense layers."""
         for key, value in self.dmp.state_dict().items():
             if hasattr(value, "local_shards"):
                 scatter(state[full_name(key)], value)
@@ -246,25 +351,23 @@ class ShardedNeuMF:
 
 
 class ShardedOptimizer:
-    """The dense layers' torch.optim optimizer, with the state dict of one optimizer over the full
-    NeuMF's parameters (a replicated run's layout, so plain SGD resumes across layouts) plus the
-    fused table optimizers' state as full tensors under "tables" ({param name: {state name: tensor}}, the
-    tensors on rank 0 only)."""
+    """The dense layers' torch.optim optimizer, with the state dict of one optimizer over the NeuMF's
+    parameters (a replicated run's layout, so plain SGD resumes across layouts) plus the fused table
+    optimizers' state under "tables" ({param name: {state name: ShardedTensor}}, this rank's shards:
+    gathered() makes them full tensors on rank 0 for last.pth)."""
 
-    def __init__(self, dmp, full, make_dense_optimizer):
+    def __init__(self, dmp, parameter_names, make_dense_optimizer):
         from torchrec.optim.optimizers import in_backward_optimizer_filter
 
         self.dmp = dmp
         dense = list(in_backward_optimizer_filter(dmp.named_parameters()))
         self.dense = make_dense_optimizer(nn.ParameterList(parameter for _, parameter in dense))
         self.defaults = self.dense.defaults
-        self.index = {name: i for i, (name, _) in enumerate(full.named_parameters())}  # the replicated layout
+        self.index = {name: i for i, name in enumerate(parameter_names)}  # the replicated layout
         self.dense_index = [self.index[full_name(name)] for name, _ in dense]
-        self.tables, self.stepped = {}, True
 
     def step(self):
-        self.dense.step()
-        self.stepped = True  # and so have the tables, in the backward pass
+        self.dense.step()  # the tables stepped in the backward pass
 
     def zero_grad(self):
         self.dense.zero_grad()
@@ -277,34 +380,11 @@ class ShardedOptimizer:
             for key, states in state.items()
         }
 
-    def gather_tables(self):
-        """Every table's fused optimizer state, full, on rank 0, which writes last.pth (a table-wise shard's
-        state is only on its rank: the ranks first agree on what there is). The other ranks keep none of it:
-        with Adam it is twice the tables."""
-        local = self.local_table_state()
-        shapes = {
-            key: {name: (value.size(), value.dtype) for name, value in states.items()} for key, states in local.items()
-        }
-        everyone = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(everyone, shapes)
-        self.tables = {}
-        for key in sorted({key for shapes in everyone for key in shapes}):
-            names = sorted({name for shapes in everyone for name in shapes.get(key, {})})
-            self.tables[key] = {}
-            for name in names:
-                size, dtype = next(shapes[key][name] for shapes in everyone if name in shapes.get(key, {}))
-                full = torch.zeros(size, dtype=dtype, device=self.dmp.device)
-                for slices, part in local_slices(local[key][name]) if key in local else ():
-                    full[slices] = part.detach()
-                torch.distributed.reduce(full, dst=0)
-                if torch.distributed.get_rank() == 0:
-                    self.tables[key][name] = full.cpu()
-
     def state_dict(self):
         dense = self.dense.state_dict()
         state = {self.dense_index[i]: value for i, value in dense["state"].items()}
         group = dense["param_groups"][0] | {"params": list(range(len(self.index)))}
-        return {"state": state, "param_groups": [group], "tables": self.tables}
+        return {"state": state, "param_groups": [group], "tables": self.local_table_state()}
 
     def load_state_dict(self, saved):
         (group,) = saved["param_groups"]  # ValueError (an unusable state) when there are several

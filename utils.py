@@ -140,17 +140,18 @@ def atomic_save(obj, path):
         raise CliError(f"cannot write {path}: {error.strerror or error}") from None
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, mmap=False):
     """torch.load of a checkpoint file, with one-line errors for a missing or corrupt file.
 
     With several processes only global rank 0 reads the file and sends what it holds (or its error,
     which every rank then raises) to the others: rank 0 wrote it, and other nodes need not share
-    its filesystem. Every rank must call this together.
+    its filesystem. Every rank must call this together. With mmap, every rank maps the file itself (so
+    it must see it) and reads only the parts it uses: a sharded run copies its shards out of the tables.
     """
     import torch
 
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return _load_checkpoint(path)
+    if mmap or not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return _load_checkpoint(path, mmap)
     state_and_error = [None, None]
     if torch.distributed.get_rank() == 0:
         try:
@@ -163,14 +164,14 @@ def read_checkpoint(path):
     return state_and_error[0]
 
 
-def _load_checkpoint(path):
+def _load_checkpoint(path, mmap=False):
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise CliError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:
         raise CliError(f"checkpoint {path} is corrupt or not a PyTorch file ({type(error).__name__})") from None
 

@@ -9,9 +9,10 @@ the dense layers, sharding.shard for the tables) on the same random batches of -
 (split across the processes) with the same table optimizer: none is DDP with torch's optimizer over
 every parameter, the others are sharding.py's layouts with fbgemm's fused one. Bytes are the largest
 of any rank: the table rows a rank holds, and the table optimizer state (Adagrad's per-element sums,
-row-wise Adagrad's one per row; plain SGD has none). Step time is the mean of --steps steps after
---warmup, every rank having waited for the others. Not counted: the full model that ncf.py's sharded
-runs also keep on every rank for evaluation and checkpoints.
+row-wise Adagrad's one per row; plain SGD has none). That is all a sharded ncf.py run keeps of its tables:
+it evaluates through the shards and gathers its checkpoints onto rank 0 one shard at a time (transient
+buffers, and the full protocol's lookups of the whole item tables while it scores a block, are not
+counted). Step time is the mean of --steps steps after --warmup, every rank having waited for the others.
 """
 
 import argparse
@@ -107,11 +108,10 @@ def build(args, layout, world_size):
             return sum(shard_bytes(value) for table in tables for value in optimizer.state[table].values())
 
         return DistributedDataParallel(loss), optimizer, sum(shard_bytes(table) for table in tables), state_bytes
-    _, trained, optimizer = sharding.shard(loss, flags, cpu, world_size, ncf.make_optimizer)
+    sharded, trained, optimizer = sharding.shard(loss, flags, cpu, world_size, ncf.make_optimizer)
+    # the model ncf.py evaluates and checkpoints: its tables are the rows this rank holds
     table_bytes = sum(
-        shard_bytes(value)
-        for key, value in trained.state_dict().items()
-        if sharding.full_name(key).removesuffix(".weight") in names
+        shard_bytes(value) for key, value in sharded.state_dict().items() if key.removesuffix(".weight") in names
     )
 
     def state_bytes():

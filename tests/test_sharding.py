@@ -1,20 +1,28 @@
 """ncf.py --embedding_sharding: TorchRec-sharded tables on 2 gloo processes, against replicated (DDP) runs.
 
-Sharded and replicated runs of the same seed and batches with plain SGD train the same model; a
-sharded run's checkpoints are a replicated run's (test mode, recommendations, --resume on another
-layout or number of processes); what sharding cannot do is a one-line error.
+Sharded and replicated runs of the same seed and batches with plain SGD train and evaluate the same
+model; a sharded run's checkpoints are a replicated run's (test mode, recommendations, --resume on
+another layout or number of processes); no rank keeps more than its shards of the tables; what
+sharding cannot do is a one-line error.
 """
 
+import itertools
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from conftest import make_cache
 from test_ncf import ROOT, SMALL, run_ncf, state, torchrun
+from torch import nn
 
 import ncf
 import sharding
+from utils import free_port, leave_process_group, read_log
 
 pytest.importorskip("torchrec", reason="the 'sharding' extra (TorchRec) is not installed")
 
@@ -91,6 +99,9 @@ def test_validation_patience_l2_sampled_softmax_and_amp_train_as_replicated(tiny
     assert ours.final["best_val_accuracy"] == pytest.approx(theirs.final["best_val_accuracy"], abs=1e-6)
     assert ours.epochs[-1]["train_loss"] < ours.epochs[0]["train_loss"]
     assert_close_models(state(ours.dir / "model.pth"), state(theirs.dir / "model.pth"), rtol=1e-3, atol=1e-4)
+    ours_last, theirs_last = state(ours.dir / "last.pth"), state(theirs.dir / "last.pth")
+    assert_close_models(ours_last["model"], theirs_last["model"], rtol=1e-3, atol=1e-4)
+    assert ours_last["epochs_done"] == theirs_last["epochs_done"] == len(ours.epochs)
 
 
 def recommendations(cache, model_path, output):
@@ -199,3 +210,94 @@ def test_sharding_without_torchrec_says_how_to_install_it(tiny_cache, monkeypatc
     argv = ["--data", str(tiny_cache), "--embedding_sharding", "auto", "--optimizer", "sgd"]
     with pytest.raises(ncf.CliError, match=r"needs TorchRec .*pip install --no-deps torchrec==1\.8\.0"):
         ncf.parse_args(argv)
+
+
+def held_bytes(*roots):
+    """Bytes of the distinct storages of the tensors that `roots` hold: through modules (parameters and
+    buffers), optimizers (their state), ShardedTensors (their local shards), dicts, lists and the
+    attributes of sharding.py's objects."""
+    storages = {}
+
+    def visit(value):
+        if hasattr(value, "local_shards"):
+            for shard in value.local_shards():
+                visit(shard.tensor)
+        elif isinstance(value, torch.Tensor):
+            storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+        elif isinstance(value, nn.Module):
+            for tensor in itertools.chain(value.parameters(), value.buffers()):
+                visit(tensor)
+        elif isinstance(value, torch.optim.Optimizer):
+            visit(dict(value.state))
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                visit(item)
+        elif type(value).__module__ == sharding.__name__:
+            visit(vars(value))
+
+    for root in roots:
+        visit(root)
+    return sum(storages.values())
+
+
+def sharded_run_in_process(rank, argv, port, output):
+    """ncf.py's main() as one of 2 gloo processes, its checkpoints gathered in small blocks; writes to
+    output/RANK.json the bytes its ShardedNeuMF and optimizer hold at the end (after training, evaluation
+    and checkpoints) and whether each read of a .pth file was memory-mapped."""
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    os.environ |= {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    torch.set_num_threads(1)
+    made, mapped = [], []
+    shard, load = sharding.shard, torch.load
+
+    def recorded_shard(*args):
+        made.append(shard(*args))
+        return made[-1]
+
+    def recorded_load(path, *args, **kwargs):
+        if str(path).endswith(".pth"):
+            mapped.append(kwargs.get("mmap", False))
+        return load(path, *args, **kwargs)
+
+    sharding.shard, torch.load, sys.argv = recorded_shard, recorded_load, ["ncf.py", *argv]
+    sharding.SEND_BYTES = 256  # checkpoints gather the shards 4 rows of 16 floats at a time
+    try:
+        ncf.main()
+        model, _, optimizer = made[0]
+        result = {"held": held_bytes(model, optimizer), "mapped": mapped}
+        Path(output, f"{rank}.json").write_text(json.dumps(result))
+    finally:
+        leave_process_group()
+
+
+def test_no_rank_holds_a_full_table_and_uneven_ranks_evaluate_as_replicated(tmp_path):
+    """201 users: the ranks have 101 and 100 evaluation users, 11 and 10 blocks of 10 under the full protocol
+    (3000 scores a block), so the sharded lookups run in step with padding. A sharded run started from a
+    model.pth (--load_checkpoint_path, which each rank memory-maps) trains and evaluates as the replicated
+    run does, and after training, evaluation and checkpoints each rank holds its half of the tables
+    (row-wise) and the dense layers."""
+    cache = make_cache(tmp_path / "data", users=201, items=300, ratings=6000)
+    flags = ["--data", cache, "-b", "4096", "-f", "16", "--layers", "32", "16", "--seed", "1", "--optimizer",
+             "sgd", "-l", "1", "--eval_protocol", "full", "--valid_batch_size", "3000"]  # fmt: skip
+    start = train(cache, tmp_path / "start", *flags[2:], "-e", 1)
+    flags += ["-e", 2, "--load_checkpoint_path", start.dir / "model.pth"]
+    theirs = train(cache, tmp_path / "replicated", *flags[2:])
+    argv = [*map(str, flags), "--checkpoint_dir", str(tmp_path / "sharded"), "--log_path", str(tmp_path / "log.json")]
+    mp.spawn(
+        sharded_run_in_process, args=([*argv, "--embedding_sharding", "row_wise"], free_port(), tmp_path), nprocs=2
+    )
+    ours = [r["data"] for r in read_log(tmp_path / "log.json") if isinstance(r["step"], list) and r["step"]]
+    assert_same_epochs(ours, theirs.epochs, ("train_loss", "hr@10", "ndcg@10", "validation_loss"), 1e-6)
+    assert_close_models(state(tmp_path / "sharded" / "model.pth"), state(theirs.dir / "model.pth"))
+    assert_close_models(state(tmp_path / "sharded" / "last.pth")["model"], state(theirs.dir / "last.pth")["model"])
+    full = state(theirs.dir / "model.pth")
+    tables = sum(tensor.numel() * 4 for name, tensor in full.items() if "_embed." in name)
+    dense = sum(tensor.numel() * 4 for name, tensor in full.items() if "_embed." not in name)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert result["mapped"] == [True], rank
+        # row-wise halves: 101 and 100 user rows, 150 item rows; TorchRec's own buffers are a few bytes
+        assert tables * 0.49 < result["held"] - dense < tables * 0.51, (rank, result, tables, dense)
