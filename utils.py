@@ -150,8 +150,19 @@ def read_checkpoint(path, mmap=False):
     """
     import torch
 
-    if mmap or not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return _load_checkpoint(path, mmap)
+    if mmap:  # a rank that cannot read it (another node's disk) must not leave the others waiting
+        state, error = None, None
+        try:
+            state = _load_checkpoint(path, mmap)
+        except CliError as failure:
+            error = f"{failure} (on rank {torch.distributed.get_rank()}: every rank reads it)"
+        errors = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(errors, error)
+        if any(errors):
+            raise CliError(next(filter(None, errors)))
+        return state
     state_and_error = [None, None]
     if torch.distributed.get_rank() == 0:
         try:

@@ -1127,7 +1127,7 @@ def main():
     rank, _, _ = init_distributed()
     path = sys.argv[1] if rank == 0 else sys.argv[2]  # the other node has no file at rank 0's path
     try:
-        result = {name: tensor.tolist() for name, tensor in read_checkpoint(path).items()}
+        result = {name: t.tolist() for name, t in read_checkpoint(path, mmap=sys.argv[4] == "mmap").items()}
     except CliError as error:
         result = {"error": str(error)}
     Path(sys.argv[3], f"{rank}.json").write_text(json.dumps(result))
@@ -1137,9 +1137,10 @@ run_main(main)
 """
 
 
-@pytest.mark.parametrize("checkpoint", ["good", "corrupt"])
+@pytest.mark.parametrize("checkpoint", ["good", "corrupt", "mmap"])
 def test_checkpoints_are_read_on_rank_0_and_sent_to_the_other_ranks(tmp_path, checkpoint):
-    """Nodes without a shared filesystem: only rank 0's node has the checkpoints it wrote."""
+    """Nodes without a shared filesystem: only rank 0's node has the checkpoints it wrote. A sharded run
+    maps the file on every rank instead: a rank that cannot see it stops every rank with its error."""
     script = tmp_path / "read.py"
     script.write_text(READ_ON_EVERY_RANK)
     weights = {"w": torch.arange(6.0).reshape(2, 3)}
@@ -1149,12 +1150,15 @@ def test_checkpoints_are_read_on_rank_0_and_sent_to_the_other_ranks(tmp_path, ch
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
     env |= {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [*torchrun(), str(script), str(tmp_path / "model.pth"), str(tmp_path / "absent.pth"), str(tmp_path)]
+    command.append(checkpoint)
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert results[0] == results[1]
     if checkpoint == "good":
         assert results[0] == {"w": weights["w"].tolist()}
+    elif checkpoint == "mmap":
+        assert "absent.pth does not exist (on rank 1" in results[0]["error"]
     else:
         assert "is corrupt" in results[0]["error"] and "model.pth" in results[0]["error"]
 
