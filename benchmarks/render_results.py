@@ -208,8 +208,8 @@ def sharding_bench(results, command):
         f"The same NeuMF on the same random batches, replicated (DDP) and under each CPU sharding kind: "
         f"{a['users']:,} users x {a['items']:,} items, {a['factors']} + {a['layers'][0] // 2} floats a row, "
         f"{a['optimizer']}, {a['batch_size']:,} samples a step on {a['processes']} gloo processes. Per rank "
-        "(the largest): MB of table rows and of table optimizer state (the full model copy sharded `ncf.py` "
-        "runs also keep for evaluation is not counted), and seconds per step."
+        "(the largest): MB of table rows and of table optimizer state (all that a sharded `ncf.py` run keeps of "
+        "its tables, transient buffers aside), and seconds per step."
     )
     header = ["tables", "table MB/rank", "optimizer MB/rank", "total / replicated", "step [s]", "step / replicated"]
     rows = [
