@@ -71,6 +71,7 @@ RECIPES = {
 # A softmax loss's batch holds positives only: smaller batches give it the steps BCE's get from its negatives
 SOFTMAX_BATCH = {"ml-1m": "1024", "ml-100k": "256", "ml-latest-small": "256"}
 BATCHES = {model: SOFTMAX_BATCH for model in RECIPES if "--loss" in RECIPES[model]}
+BATCHES["gmf-softmax-l2"] = SOFTMAX_BATCH | {"ml-100k": "640", "ml-latest-small": "640"}  # its study's batch
 SHARED_DATA_VARIABLE = "NCF_SHARED_DATA"  # where the MovieLens files are, when --shared_data is not given
 # The recommended recipe per dataset: the best mean validation HR@10 of seeds 1-3 among gmf, gmf-softmax
 # (not run on ML-1m), gmf-sampled and gmf-sampled-lr001 (ML-100k only) (benchmarks/results/accuracy-*.json);
