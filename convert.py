@@ -42,10 +42,10 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# numpy advises the kernel to back large arrays with huge pages; where the kernel answers that advice by
-# compacting memory on the first touch (transparent_hugepage/defrag "madvise", the default of many
-# distributions), each of the pipeline's large temporaries waits for it: system time that varied threefold
-# from run to run (benchmarks/convert_bench.py). Read by numpy at import; a user's own setting wins.
+# numpy advises the kernel to back large arrays with huge pages; on a VM whose kernel honours that advice
+# (transparent_hugepage "madvise"), each of the pipeline's large temporaries faults in and zeroes whole huge
+# pages: measured as system time that varied threefold from run to run (benchmarks/convert_bench.py).
+# Read by numpy at import; a user's own setting wins.
 os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
 import numpy as np  # noqa: E402

@@ -1081,8 +1081,8 @@ print(torch_importers, "pandas" in sys.modules, gc.isenabled(), gc.get_freeze_co
 
 @pytest.mark.parametrize("setting, advised", [(None, "False"), ("1", "True")])
 def test_numpy_gives_no_huge_page_advice_unless_the_user_asks_for_it(setting, advised):
-    """Where the kernel compacts memory to honour numpy's huge-page advice, every large temporary of the
-    pipeline would wait for it; convert.py turns the advice off before numpy is imported, and a user's own
+    """Where the kernel honours numpy's huge-page advice, every large temporary of the pipeline faults in
+    whole huge pages; convert.py turns the advice off before numpy is imported, and a user's own
     NUMPY_MADVISE_HUGEPAGE still wins."""
     env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
     env |= {} if setting is None else {"NUMPY_MADVISE_HUGEPAGE": setting}
