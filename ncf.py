@@ -39,6 +39,7 @@ from utils import (
     enable_tf32,
     init_distributed,
     load_model_weights,
+    load_state_dict_file,
     make_logger,
     model_state,
     read_checkpoint,
@@ -672,9 +673,8 @@ def train(model, evaluators, data, seed, args, device, rank, world_size, logger,
         )
         log(f"resuming after epoch {first_epoch - 1} (best {selected} {best[best_key]:.4f})")
     elif args.load_checkpoint_path:  # a sharded run's ranks each read their shards' rows of it
-        path = args.load_checkpoint_path
-        state = read_checkpoint(path, mmap=args.embedding_sharding != "none")
-        load_model_weights(model, path, model_state(state, path))
+        state = load_state_dict_file(args.load_checkpoint_path, mmap=args.embedding_sharding != "none")
+        load_model_weights(model, args.load_checkpoint_path, state)
     log(
         f"{args.model}: {data.n_users:,} users, {data.n_items:,} items, {len(data.train):,} positives; "
         f"{args.loss} loss; "

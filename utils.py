@@ -198,9 +198,9 @@ def model_state(checkpoint, path):
     return {key.removeprefix("module."): value for key, value in checkpoint.items()}
 
 
-def load_state_dict_file(path):
+def load_state_dict_file(path, mmap=False):
     """Load a checkpoint saved by this suite or by the reference (a plain state dict, maybe DDP-prefixed)."""
-    return model_state(read_checkpoint(path), path)
+    return model_state(read_checkpoint(path, mmap), path)
 
 
 def model_config(state, path):
