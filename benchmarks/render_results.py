@@ -275,9 +275,8 @@ def against_baselines(paths):
     baseline_files = {}
     for path in paths:
         provenance, results = read(path)
-        words = shlex.split(provenance["command"])
         data = option(provenance["command"], "--data")
-        if len(words) > 1 and words[1] == "benchmarks/baselines.py" and data:
+        if script_of(provenance["command"]) == "benchmarks/baselines.py" and data:
             baseline_files[Path(data).name] = results
     lines = []
     for key, runs in read(by_name[HEADLINE])[1].items():
@@ -327,11 +326,16 @@ def machine(description):
     return f"{description.get('cpu') or 'unknown CPU'}, {description.get('cores')} cores, {accelerators}"
 
 
+def script_of(command):
+    """The script a results file's command ran: `python benchmarks/x.py ...` -> benchmarks/x.py."""
+    words = shlex.split(command)
+    return words[1] if len(words) > 1 else "?"
+
+
 def section(path):
     provenance, results = read(path)
     command = provenance["command"]
-    words = shlex.split(command)
-    script = words[1] if len(words) > 1 else "?"
+    script = script_of(command)
     title, layout = LAYOUTS.get(script, (f"`{script}`", generic))
     what, lines = layout(results, command)
     versions = provenance["versions"]
