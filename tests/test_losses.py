@@ -198,6 +198,7 @@ def main():  # run_main leaves the process group after main's locals (DDP holds 
     if rank == 0:
         grads = {name: p.grad for name, p in model.named_parameters()}
         torch.save({"loss": value / world_size, **grads}, output)
+    dist.barrier()  # leave together, as ncf.py does: a rank tearing gloo down while rank 0 writes can abort it
 
 
 run_main(main)
